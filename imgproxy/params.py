@@ -1,0 +1,281 @@
+"""The ``/image`` query string: parsed into a frozen ``TransformSpec``, keyed, signed.
+
+Pure: no I/O, no Twisted. Every violation raises ``ProxyError`` with a reason a
+user can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import attrs
+
+from imgproxy.errors import ProxyError
+
+FITS = ("contain", "cover", "fill")
+OUTPUT_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
+REQUEST_FORMATS = (*OUTPUT_FORMATS, "auto")
+LOSSLESS_FORMATS = frozenset({"png", "gif"})
+MAX_DIMENSION = 8192
+DEFAULT_QUALITY = 80
+DEFAULT_FIT = "contain"
+MAX_URL_LENGTH = 8192
+KNOWN_PARAMETERS = frozenset({"url", "w", "h", "fit", "format", "q", "sig"})
+
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "avif": "image/avif",
+}
+
+
+def source_key_of(url: str) -> str:
+    """The cache key of a source's original bytes; every variant shares its prefix."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()
+
+
+@attrs.frozen
+class TransformSpec:
+    """One variant of one source image, with every default made explicit.
+
+    ``output_format`` is ``None`` for "the source's own format"; ``auto`` is
+    resolved against the request's ``Accept`` before a spec is made, so equal
+    outputs always have equal specs and equal cache keys.
+    """
+
+    url: str
+    width: int | None = None
+    height: int | None = None
+    fit: str = DEFAULT_FIT
+    output_format: str | None = None
+    quality: int = DEFAULT_QUALITY
+
+    @property
+    def source_key(self) -> str:
+        return source_key_of(self.url)
+
+    @property
+    def variant_token(self) -> str:
+        """A canonical text for the transform alone (not the URL)."""
+        quality = "-" if self.output_format in LOSSLESS_FORMATS else str(self.quality)
+        return (
+            f"w={self.width or '-'};h={self.height or '-'};fit={self.fit};"
+            f"fmt={self.output_format or 'source'};q={quality}"
+        )
+
+    @property
+    def cache_key(self) -> str:
+        """``<source key>/<variant digest>``: parameter order and defaults never split it."""
+        digest = hashlib.sha256(self.variant_token.encode("ascii")).hexdigest()[:32]
+        return f"{self.source_key}/{digest}"
+
+    def to_json(self) -> dict[str, object]:
+        """The internal API's body for ``POST /v1/cache``."""
+        return {
+            "url": self.url,
+            "w": self.width,
+            "h": self.height,
+            "fit": self.fit,
+            "format": self.output_format,
+            "q": self.quality,
+        }
+
+    def to_query(self) -> list[tuple[str, str]]:
+        """The internal API's query for ``GET /v1/image``, defaults omitted."""
+        pairs = [("url", self.url)]
+        if self.width is not None:
+            pairs.append(("w", str(self.width)))
+        if self.height is not None:
+            pairs.append(("h", str(self.height)))
+        if self.fit != DEFAULT_FIT:
+            pairs.append(("fit", self.fit))
+        if self.output_format is not None:
+            pairs.append(("format", self.output_format))
+        if self.quality != DEFAULT_QUALITY:
+            pairs.append(("q", str(self.quality)))
+        return pairs
+
+
+@attrs.frozen
+class ImageRequest:
+    """A parsed public ``GET /image``: the spec, and whether it varies on ``Accept``."""
+
+    spec: TransformSpec
+    varies_on_accept: bool
+
+
+def split_query(raw_query: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a raw query into (raw name, raw value) pairs, in the order sent."""
+    pairs = []
+    for part in raw_query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        pairs.append((name, value))
+    return pairs
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProxyError(400, f"{what} is not valid UTF-8") from None
+
+
+def decode_query(raw_query: bytes) -> dict[str, str]:
+    """Decode a raw query into a dict, refusing repeats and unknown names."""
+    values: dict[str, str] = {}
+    for raw_name, raw_value in split_query(raw_query):
+        name = _decode(raw_name, "a parameter name")
+        if name not in KNOWN_PARAMETERS:
+            shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode()
+            raise ProxyError(400, f"unknown parameter {shown!r}")
+        if name in values:
+            raise ProxyError(400, f"parameter {name!r} is given more than once")
+        values[name] = _decode(raw_value, f"parameter {name!r}")
+    return values
+
+
+def check_source_url(url: str) -> str:
+    """Accept only an absolute http(s) URL with a host; return it unchanged."""
+    if not url:
+        raise ProxyError(400, "parameter 'url' is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise ProxyError(400, f"parameter 'url' is longer than {MAX_URL_LENGTH} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise ProxyError(400, "parameter 'url' contains spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ProxyError(400, f"parameter 'url' is malformed: {e}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ProxyError(400, "parameter 'url' must be an absolute http or https URL")
+    if not parts.hostname:
+        raise ProxyError(400, "parameter 'url' has no host")
+    if port == 0:
+        raise ProxyError(400, "parameter 'url' has port 0")
+    return url
+
+
+def _parse_int(values: dict[str, str], name: str, low: int, high: int) -> int | None:
+    text = values.get(name)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
+        raise ProxyError(400, f"parameter {name!r} must be an integer from {low} to {high}")
+    number = int(text)
+    if not low <= number <= high:
+        raise ProxyError(400, f"parameter {name!r} must be from {low} to {high}, not {number}")
+    return number
+
+
+def _parse_choice(values: dict[str, str], name: str, choices: Iterable[str]) -> str | None:
+    text = values.get(name)
+    if text is None:
+        return None
+    if text not in choices:
+        raise ProxyError(400, f"parameter {name!r} must be one of {', '.join(choices)}")
+    return text
+
+
+def negotiate_format(accept: str | None) -> str | None:
+    """``format=auto``: avif, then webp, then ``None`` (the source's format)."""
+    if not accept:
+        return None
+    offered = set()
+    for item in accept.split(","):
+        media, _, rest = item.strip().partition(";")
+        q = 1.0
+        for param in rest.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            offered.add(media.strip().lower())
+    for fmt in ("avif", "webp"):
+        if f"image/{fmt}" in offered:
+            return fmt
+    return None
+
+
+def spec_from_values(values: dict[str, str | int | None]) -> TransformSpec:
+    """Validate already-decoded fields (the internal API's JSON) into a spec."""
+    text_values = {k: str(v) for k, v in values.items() if v is not None}
+    url = check_source_url(text_values.get("url", ""))
+    fmt = _parse_choice(text_values, "format", OUTPUT_FORMATS)
+    return TransformSpec(
+        url=url,
+        width=_parse_int(text_values, "w", 1, MAX_DIMENSION),
+        height=_parse_int(text_values, "h", 1, MAX_DIMENSION),
+        fit=_parse_choice(text_values, "fit", FITS) or DEFAULT_FIT,
+        output_format=fmt,
+        quality=_parse_int(text_values, "q", 1, 100) or DEFAULT_QUALITY,
+    )
+
+
+def signed_payload(raw_query: bytes) -> bytes:
+    """The query string without ``sig``, parameters in the order sent."""
+    return b"&".join(
+        part for part in raw_query.split(b"&") if part and part.partition(b"=")[0] != b"sig"
+    )
+
+
+def sign_query(raw_query: bytes, key: bytes) -> str:
+    """The ``sig`` a client appends: hex HMAC-SHA256 of the query without ``sig``."""
+    return hmac.new(key, signed_payload(raw_query), hashlib.sha256).hexdigest()
+
+
+def check_signature(raw_query: bytes, values: dict[str, str], key: bytes | None) -> None:
+    """Raise 403 unless ``sig`` is valid; a no-op when no signing key is set."""
+    if key is None:
+        return
+    given = values.get("sig")
+    if not given:
+        raise ProxyError(403, "a signature ('sig') is required")
+    expected = sign_query(raw_query, key)
+    if not hmac.compare_digest(given.lower().encode("ascii", "replace"), expected.encode()):
+        raise ProxyError(403, "the signature ('sig') is not valid")
+
+
+def parse_image_query(
+    raw_query: bytes, accept: str | None, signing_key: bytes | None
+) -> ImageRequest:
+    """Parse the public ``GET /image`` query into an ``ImageRequest``."""
+    values = decode_query(raw_query)
+    # The signature comes first: an unauthenticated caller learns nothing from
+    # which of its parameters are wrong.
+    check_signature(raw_query, values, signing_key)
+    if "url" not in values:
+        raise ProxyError(400, "parameter 'url' is required")
+    spec_fields: dict[str, str | int | None] = {k: v for k, v in values.items() if k != "sig"}
+    requested_format = values.get("format")
+    if requested_format is not None and requested_format not in REQUEST_FORMATS:
+        raise ProxyError(400, f"parameter 'format' must be one of {', '.join(REQUEST_FORMATS)}")
+    varies = requested_format == "auto"
+    if varies:
+        spec_fields["format"] = negotiate_format(accept)
+    spec = spec_from_values(spec_fields)
+    return ImageRequest(spec=spec, varies_on_accept=varies)
+
+
+def parse_purge_query(raw_query: bytes, signing_key: bytes | None) -> str:
+    """Parse ``DELETE /image?url=...&sig=...``: the source URL, or 403/400."""
+    values = decode_query(raw_query)
+    if signing_key is None:
+        raise ProxyError(403, "purging requires a signing key to be configured")
+    check_signature(raw_query, values, signing_key)
+    extra = set(values) - {"url", "sig"}
+    if extra:
+        raise ProxyError(400, f"purge takes only 'url' and 'sig', not {sorted(extra)[0]!r}")
+    if "url" not in values:
+        raise ProxyError(400, "parameter 'url' is required")
+    return check_source_url(values["url"])

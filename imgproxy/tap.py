@@ -7,6 +7,7 @@ gets the reactor, the thread pool and the HTTP client passed in.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -116,6 +117,11 @@ class Options(usage.Options):
             self.config = self.to_config()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.role != "standalone":
+            raise usage.UsageError(
+                f"--role {self.config.role} is not available yet: "
+                "only standalone runs in this version"
+            )
 
     def _given(self, name: str) -> bool:
         defaults = dict((p[0], p[2]) for p in self.optParameters)
@@ -127,7 +133,8 @@ class Options(usage.Options):
             raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {self['role']!r}")
         profile = str(self["membership-profile"]).strip().lower()
         if profile not in MEMBERSHIP_PROFILES:
-            raise ConfigError(f"--membership-profile must be one of {', '.join(MEMBERSHIP_PROFILES)}")
+            choices = ", ".join(MEMBERSHIP_PROFILES)
+            raise ConfigError(f"--membership-profile must be one of {choices}")
         gossip_port = parse_positive_int(self["gossip-port"], "--gossip-port")
         if gossip_port > 65535:
             raise ConfigError("--gossip-port must be from 1 to 65535")
@@ -173,7 +180,9 @@ class Options(usage.Options):
                 self["transform-threads"], "--transform-threads"
             )
         if not values["http"].startswith(("tcp:", "unix:", "ssl:", "tcp6:")):
-            raise ConfigError(f"--http: {self['http']!r} is not a strports description like tcp:8080")
+            raise ConfigError(
+                f"--http: {self['http']!r} is not a strports description like tcp:8080"
+            )
         return Config(**values)
 
 
@@ -181,13 +190,91 @@ def makeService(options: Options) -> IService:
     """Compose the node for ``options.config``: the only place that picks the reactor."""
     from twisted.internet import reactor
 
-    config: Config = options.config
-    if config.role != "standalone":
-        raise usage.UsageError(
-            f"--role {config.role} is not available yet: only standalone runs in this version"
-        )
-    from imgproxy.node import build_node
+    return build_standalone(options.config, reactor)
+
+
+def build_standalone(config: Config, reactor: Any) -> MultiService:
+    """Gateway and worker in one process: no network hop between them."""
+    from twisted.application import strports
+
+    from imgproxy.lifecycle import LifecycleService
+    from imgproxy.metrics import NodeMetrics
+    from imgproxy.web.public import ImageResource
+    from imgproxy.web.site import HealthResource, MetricsResource, NodeRoot, NodeSite
+    from imgproxy.worker.addresses import AddressPolicy
+    from imgproxy.worker.cache import DiskCache
+    from imgproxy.worker.fetch import FetchLimits, SourceFetcher
+    from imgproxy.worker.images import ImageService
+    from imgproxy.worker.pool import TransformPool
+    from imgproxy.worker.transform import TransformLimits
 
     root = MultiService()
-    build_node(config, reactor).setServiceParent(root)
+    metrics = NodeMetrics()
+    pool = TransformPool(reactor, config.transform_threads, config.transform_queue)
+    pool.setServiceParent(root)
+    cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_ttl, reactor)
+    LifecycleService("cache", on_start=cache.start).setServiceParent(root)
+    fetcher = SourceFetcher(
+        reactor,
+        AddressPolicy(config.allow_private_sources, config.allow_networks),
+        FetchLimits(max_bytes=config.max_source_bytes, timeout=config.fetch_timeout),
+    )
+    LifecycleService("fetcher", on_stop=fetcher.close).setServiceParent(root)
+    images = ImageService(
+        cache,
+        fetcher,
+        pool,
+        TransformLimits(max_pixels=config.max_source_pixels, max_frames=config.max_frames),
+        metrics,
+    )
+    add_node_gauges(metrics, cache, pool)
+    site = NodeSite(
+        NodeRoot(
+            {
+                b"image": ImageResource(
+                    images, metrics, config.signing_key, int(config.cache_ttl)
+                ),
+                b"health": HealthResource(lambda: standalone_health(config)),
+                b"metrics": MetricsResource(metrics),
+            }
+        )
+    )
+    strports.service(config.http, site, reactor=reactor).setServiceParent(root)
     return root
+
+
+def standalone_health(config: Config) -> dict[str, Any]:
+    address = config.advertise or config.bind
+    me = {
+        "name": config.node_name,
+        "role": config.role,
+        "address": address,
+        "http_port": config.http_port,
+        "state": "alive",
+        "incarnation": 0,
+    }
+    return {**me, "members": [me]}
+
+
+def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
+    from imgproxy.metrics import counter, gauge
+
+    def read() -> list[Any]:
+        stats = cache.stats
+        return [
+            gauge("imgproxy_cache_entries", "Entries in the disk cache", stats.entries),
+            gauge("imgproxy_cache_bytes", "Bytes in the disk cache", stats.bytes),
+            counter("imgproxy_cache_evictions", "Entries evicted to stay under the cap",
+                    stats.evictions),
+            counter("imgproxy_cache_corrupt_dropped", "Corrupt entries found and dropped",
+                    stats.corrupt_dropped),
+            counter("imgproxy_cache_write_errors", "Entries that could not be written",
+                    stats.write_errors),
+            gauge("imgproxy_transform_queue_depth", "Transforms waiting for a thread",
+                  pool.waiting),
+            gauge("imgproxy_transforms_in_progress", "Transforms running or waiting",
+                  pool.in_progress),
+            counter("imgproxy_transforms_refused", "Transforms refused with 503", pool.refused),
+        ]
+
+    metrics.add_gauges(read)

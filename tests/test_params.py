@@ -1,0 +1,179 @@
+"""The /image query: every rule of the contract's parameter table."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import quote
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from imgproxy.errors import ProxyError
+from imgproxy.params import (
+    TransformSpec,
+    negotiate_format,
+    parse_image_query,
+    parse_purge_query,
+    sign_query,
+    spec_from_values,
+)
+
+SOURCE = "https://images.example.com/photo.jpg"
+Q = "url=" + quote(SOURCE, safe="")
+
+
+def parse(query: str, accept: str | None = None, key: bytes | None = None):
+    return parse_image_query(query.encode(), accept, key)
+
+
+class ParseImageQueryTests(SynchronousTestCase):
+    def assertRefused(self, query: str, status: int = 400, key: bytes | None = None) -> str:
+        with self.assertRaises(ProxyError) as caught:
+            parse(query, key=key)
+        self.assertEqual(caught.exception.status, status)
+        return caught.exception.reason
+
+    def test_url_alone_keeps_every_default(self) -> None:
+        spec = parse(Q).spec
+        self.assertEqual(spec, TransformSpec(url=SOURCE))
+        self.assertEqual((spec.fit, spec.output_format, spec.quality), ("contain", None, 80))
+
+    def test_all_parameters(self) -> None:
+        spec = parse(Q + "&w=320&h=200&fit=cover&format=webp&q=55").spec
+        self.assertEqual(spec, TransformSpec(SOURCE, 320, 200, "cover", "webp", 55))
+
+    def test_missing_url(self) -> None:
+        self.assertIn("url", self.assertRefused("w=10"))
+
+    def test_urls_that_are_not_absolute_http(self) -> None:
+        for url in ["", "ftp://x/y.jpg", "/relative.jpg", "file:///etc/passwd", "http://",
+                    "javascript:alert(1)", "http://a b/", "http://x:99999/", "gopher://x/"]:
+            with self.subTest(url=url):
+                self.assertRefused("url=" + quote(url, safe=""))
+
+    def test_dimensions_range(self) -> None:
+        for bad in ["0", "8193", "-1", "abc", "1.5", "", " 5", "+5", "99999999", "１２"]:
+            with self.subTest(w=bad):
+                self.assertRefused(Q + "&w=" + quote(bad))
+                self.assertRefused(Q + "&h=" + quote(bad))
+        self.assertEqual(parse(Q + "&w=1&h=8192").spec.height, 8192)
+
+    def test_quality_range(self) -> None:
+        for bad in ["0", "101", "x", ""]:
+            with self.subTest(q=bad):
+                self.assertRefused(Q + "&q=" + bad)
+        self.assertEqual(parse(Q + "&q=1").spec.quality, 1)
+        self.assertEqual(parse(Q + "&q=100").spec.quality, 100)
+
+    def test_fit_and_format_values(self) -> None:
+        self.assertIn("contain", self.assertRefused(Q + "&fit=stretch"))
+        self.assertIn("avif", self.assertRefused(Q + "&format=bmp"))
+        self.assertRefused(Q + "&format=JPEG")
+
+    def test_repeated_and_unknown_parameters(self) -> None:
+        self.assertIn("more than once", self.assertRefused(Q + "&w=1&w=2"))
+        self.assertIn("unknown", self.assertRefused(Q + "&width=3"))
+
+    def test_invalid_utf8_is_a_400(self) -> None:
+        self.assertRefused(Q + "&fit=%ff%fe")
+
+    def test_order_and_explicit_defaults_do_not_split_the_cache(self) -> None:
+        a = parse(Q + "&w=100&h=50").spec
+        b = parse("h=50&w=100&" + Q + "&fit=contain&q=80").spec
+        self.assertEqual(a.cache_key, b.cache_key)
+        self.assertNotEqual(a.cache_key, parse(Q + "&w=100&h=51").spec.cache_key)
+
+    def test_quality_does_not_split_lossless_formats(self) -> None:
+        self.assertEqual(
+            parse(Q + "&format=png&q=10").spec.cache_key,
+            parse(Q + "&format=png&q=90").spec.cache_key,
+        )
+        self.assertNotEqual(
+            parse(Q + "&format=webp&q=10").spec.cache_key,
+            parse(Q + "&format=webp&q=90").spec.cache_key,
+        )
+
+    def test_variants_of_one_source_share_the_source_key(self) -> None:
+        a, b = parse(Q + "&w=10").spec, parse(Q + "&w=20").spec
+        self.assertEqual(a.source_key, b.source_key)
+        self.assertTrue(a.cache_key.startswith(a.source_key + "/"))
+
+
+class AutoFormatTests(SynchronousTestCase):
+    def test_avif_then_webp_then_source(self) -> None:
+        self.assertEqual(negotiate_format("image/avif,image/webp,*/*"), "avif")
+        self.assertEqual(negotiate_format("image/webp,*/*;q=0.8"), "webp")
+        self.assertIsNone(negotiate_format("image/png,*/*"))
+        self.assertIsNone(negotiate_format(None))
+        self.assertEqual(negotiate_format("image/avif;q=0, image/webp"), "webp")
+
+    def test_auto_varies_on_accept_and_shares_the_explicit_key(self) -> None:
+        auto = parse(Q + "&format=auto", accept="image/webp")
+        self.assertTrue(auto.varies_on_accept)
+        self.assertEqual(auto.spec.cache_key, parse(Q + "&format=webp").spec.cache_key)
+        self.assertFalse(parse(Q + "&format=webp").varies_on_accept)
+
+
+class SignatureTests(SynchronousTestCase):
+    key = b"s3cret"
+
+    def signed(self, query: str) -> str:
+        digest = hmac.new(self.key, query.encode(), hashlib.sha256).hexdigest()
+        return f"{query}&sig={digest}"
+
+    def test_valid_signature_accepted(self) -> None:
+        self.assertEqual(parse(self.signed(Q + "&w=5"), key=self.key).spec.width, 5)
+
+    def test_sig_may_stand_anywhere(self) -> None:
+        query = Q + "&w=5"
+        sig = sign_query(query.encode(), self.key)
+        self.assertEqual(parse(f"sig={sig}&{query}", key=self.key).spec.width, 5)
+
+    def test_missing_bad_or_reordered_signature_is_403(self) -> None:
+        signed = self.signed(Q + "&w=5")
+        for query in [Q + "&w=5", signed.replace("w=5", "w=6"), Q + "&w=5&sig=zz",
+                      self.signed("w=5&" + Q).replace("w=5&" + Q, Q + "&w=5")]:
+            with self.subTest(query=query), self.assertRaises(ProxyError) as caught:
+                parse(query, key=self.key)
+            self.assertEqual(caught.exception.status, 403)
+
+    def test_signature_ignored_without_a_key(self) -> None:
+        self.assertEqual(parse(Q + "&sig=abc").spec.url, SOURCE)
+
+
+class PurgeQueryTests(SynchronousTestCase):
+    def test_purge_needs_a_signing_key(self) -> None:
+        with self.assertRaises(ProxyError) as caught:
+            parse_purge_query(Q.encode(), None)
+        self.assertEqual(caught.exception.status, 403)
+
+    def test_purge_with_valid_signature(self) -> None:
+        sig = sign_query(Q.encode(), b"k")
+        self.assertEqual(parse_purge_query(f"{Q}&sig={sig}".encode(), b"k"), SOURCE)
+
+    def test_purge_with_bad_signature(self) -> None:
+        with self.assertRaises(ProxyError) as caught:
+            parse_purge_query(f"{Q}&sig=00".encode(), b"k")
+        self.assertEqual(caught.exception.status, 403)
+
+
+class InternalSpecTests(SynchronousTestCase):
+    def test_json_round_trip(self) -> None:
+        spec = TransformSpec(SOURCE, 10, None, "fill", "avif", 33)
+        self.assertEqual(spec_from_values(spec.to_json()), spec)
+
+    def test_json_values_are_validated(self) -> None:
+        with self.assertRaises(ProxyError):
+            spec_from_values({"url": SOURCE, "w": 0})
+
+
+class QueryFuzzTests(SynchronousTestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=300), st.one_of(st.none(), st.text(max_size=50)))
+    def test_any_query_parses_or_is_a_client_error(self, raw: bytes, accept) -> None:
+        try:
+            parse_image_query(raw, accept, None)
+        except ProxyError as e:
+            self.assertIn(e.status, (400, 403))

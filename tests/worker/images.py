@@ -1,0 +1,148 @@
+"""Test images built in memory with Pillow: no binary fixtures in the tree."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image, ImageCms, ImageDraw
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    """``image`` saved as ``fmt`` (a Pillow format name) with ``options``."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    """Open ``data`` with Pillow (for assertions on outputs)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def photo(width: int = 400, height: int = 300, mode: str = "RGB") -> Image.Image:
+    """Smooth gradients with sharp lines and noise: detail for lossy codecs to spend bytes on."""
+    gradient = Image.linear_gradient("L").resize((width, height))
+    radial = Image.radial_gradient("L").resize((width, height))
+    noise = Image.effect_noise((width, height), 48).convert("L")
+    image = Image.merge("RGB", (gradient, radial, Image.blend(gradient, noise, 0.5)))
+    draw = ImageDraw.Draw(image)
+    for x in range(0, width, max(1, width // 12)):
+        draw.line((x, 0, width - x, height), fill=(255, 255, 0), width=2)
+    return image.convert(mode)
+
+
+def stripes(width: int, height: int, colours: tuple[tuple[int, int, int], ...]) -> Image.Image:
+    """Vertical bands of ``colours``, of equal width, left to right."""
+    image = Image.new("RGB", (width, height))
+    band = width // len(colours)
+    for i, colour in enumerate(colours):
+        image.paste(
+            colour, (i * band, 0, width if i == len(colours) - 1 else (i + 1) * band, height)
+        )
+    return image
+
+
+def srgb_profile() -> bytes:
+    """An sRGB ICC profile, as bytes to embed."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def jpeg_with_orientation(orientation: int, width: int = 200, height: int = 100) -> bytes:
+    """A JPEG stored as left half red, right half blue, tagged with an EXIF
+    ``orientation`` and carrying an XMP packet (both must not survive)."""
+    image = stripes(width, height, (RED, BLUE))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "imgproxy test camera"
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://ns.adobe.com/xap/1.0/"/></x:xmpmeta>'
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes(), xmp=xmp)
+
+
+def cmyk_jpeg(width: int = 64, height: int = 48, icc_profile: bytes | None = None) -> bytes:
+    """A CMYK JPEG: left half pure cyan ink, right half no ink (white)."""
+    image = Image.new("CMYK", (width, height), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 0), (0, 0, width // 2, height))
+    options = {"icc_profile": icc_profile} if icc_profile else {}
+    return encode(image, "JPEG", quality=95, **options)
+
+
+def png_16bit(width: int = 64, height: int = 32) -> bytes:
+    """A 16-bit greyscale PNG: left half 0x8000 (mid grey), right half 0xFFFF (white)."""
+    image = Image.new("I;16", (width, height), 0x8000)
+    image.paste(0xFFFF, (width // 2, 0, width, height))
+    return encode(image, "PNG")
+
+
+def palette_png_with_transparency(width: int = 60, height: int = 40) -> bytes:
+    """A palette PNG: transparent left half, opaque red right half."""
+    image = Image.new("P", (width, height), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
+    image.paste(1, (width // 2, 0, width, height))
+    return encode(image, "PNG", transparency=0)
+
+
+def rgba_png(width: int = 60, height: int = 40) -> bytes:
+    """An RGBA PNG: fully transparent left half, opaque blue right half."""
+    image = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (width // 2, 0, width, height))
+    return encode(image, "PNG")
+
+
+ANIMATION_COLOURS = (RED, GREEN, BLUE, (255, 255, 0), (0, 255, 255), (255, 0, 255))
+
+
+def animation_frames(count: int, width: int, height: int) -> list[Image.Image]:
+    """``count`` frames, each a different solid colour with a white square."""
+    frames = []
+    for i in range(count):
+        frame = Image.new("RGB", (width, height), ANIMATION_COLOURS[i % len(ANIMATION_COLOURS)])
+        ImageDraw.Draw(frame).rectangle((i, i, i + width // 4, i + height // 4), fill="white")
+        frames.append(frame)
+    return frames
+
+
+def animated_gif(count: int = 3, width: int = 80, height: int = 60, duration: int = 70) -> bytes:
+    """An animated GIF of ``count`` distinct frames, looping forever."""
+    frames = animation_frames(count, width, height)
+    return encode(
+        frames[0], "GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0
+    )
+
+
+def animated_webp(count: int = 3, width: int = 80, height: int = 60, duration: int = 70) -> bytes:
+    """An animated WebP of ``count`` distinct frames, looping forever."""
+    frames = animation_frames(count, width, height)
+    return encode(
+        frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=duration, loop=0
+    )
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, well-formed PNG whose IHDR claims ``width`` x ``height`` (a pixel bomb)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    """A WebP whose VP8X chunk claims a ``width`` x ``height`` canvas."""
+    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00"
+    vp8x += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x

@@ -1,0 +1,549 @@
+"""The image transform: the contract's w/h/fit/format/q rules, limits and hostile input."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from twisted.trial.unittest import SynchronousTestCase
+
+from imgproxy.errors import ProxyError
+from imgproxy.params import TransformSpec
+from imgproxy.worker.transform import (
+    Geometry,
+    SourceInfo,
+    TransformedImage,
+    TransformLimits,
+    output_geometry,
+    probe_source,
+    transform_image,
+)
+from tests.worker import images
+
+LIMITS = TransformLimits()
+URL = "http://origin.test/image"
+
+
+def spec(**fields: object) -> TransformSpec:
+    return TransformSpec(url=URL, **fields)  # type: ignore[arg-type]
+
+
+def close(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 40) -> bool:
+    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+
+
+class OutputGeometryTests(SynchronousTestCase):
+    """The pure size arithmetic, in displayed orientation."""
+
+    def test_no_box_keeps_the_size(self) -> None:
+        self.assertEqual(output_geometry(400, 300, None, None, "cover").width, 400)
+        self.assertTrue(output_geometry(400, 300, None, None, "fill").is_identity)
+
+    def test_contain_fits_inside_the_box(self) -> None:
+        g = output_geometry(400, 300, 100, 100, "contain")
+        self.assertEqual((g.width, g.height), (100, 75))
+        g = output_geometry(300, 400, 100, 100, "contain")
+        self.assertEqual((g.width, g.height), (75, 100))
+
+    def test_one_side_keeps_the_aspect_ratio_whatever_the_fit(self) -> None:
+        for fit in ("contain", "cover", "fill"):
+            g = output_geometry(400, 300, 200, None, fit)
+            self.assertEqual((g.width, g.height), (200, 150), fit)
+            g = output_geometry(400, 300, None, 60, fit)
+            self.assertEqual((g.width, g.height), (80, 60), fit)
+
+    def test_contain_and_one_side_never_upscale(self) -> None:
+        self.assertTrue(output_geometry(400, 300, 800, 800, "contain").is_identity)
+        self.assertTrue(output_geometry(400, 300, 1000, None, "cover").is_identity)
+        self.assertTrue(output_geometry(400, 300, None, 301, "fill").is_identity)
+
+    def test_cover_and_fill_with_both_sides_may_upscale(self) -> None:
+        g = output_geometry(40, 30, 200, 200, "cover")
+        self.assertEqual((g.width, g.height, g.crop_width, g.crop_height), (200, 200, 30, 30))
+        g = output_geometry(40, 30, 200, 100, "fill")
+        self.assertEqual((g.width, g.height, g.crop_width, g.crop_height), (200, 100, 40, 30))
+
+    def test_cover_crops_the_overflow_around_the_centre(self) -> None:
+        g = output_geometry(300, 100, 100, 100, "cover")
+        self.assertEqual((g.crop_width, g.crop_height), (100, 100))
+        self.assertEqual(g.crop_box(300, 100), (100, 0, 200, 100))
+        # The crop box scales with a drafted (reduced) decode of the same source.
+        self.assertEqual(g.crop_box(150, 50), (50, 0, 100, 50))
+
+    def test_a_very_thin_image_keeps_at_least_one_pixel(self) -> None:
+        g = output_geometry(4000, 2, 100, None, "contain")
+        self.assertEqual((g.width, g.height), (100, 1))
+
+    def test_swapped_exchanges_the_axes(self) -> None:
+        g = Geometry(400, 300, 300, 300, 100, 100).swapped()
+        self.assertEqual(g, Geometry(300, 400, 300, 300, 100, 100))
+
+
+class FitTests(SynchronousTestCase):
+    """Exact output sizes and what lands in them."""
+
+    def setUp(self) -> None:
+        # 300x100: red, green and blue thirds.
+        self.source = images.encode(
+            images.stripes(300, 100, (images.RED, images.GREEN, images.BLUE)), "PNG"
+        )
+
+    def transform(self, **fields: object) -> tuple[TransformedImage, Image.Image]:
+        result = transform_image(self.source, spec(**fields), LIMITS)
+        output = images.decode(result.body)
+        self.assertEqual(output.size, (result.width, result.height))
+        return result, output.convert("RGB")
+
+    def test_contain_keeps_everything_inside_the_box(self) -> None:
+        _, out = self.transform(width=150, height=150, fit="contain")
+        self.assertEqual(out.size, (150, 50))
+        self.assertTrue(close(out.getpixel((5, 25)), images.RED))
+        self.assertTrue(close(out.getpixel((144, 25)), images.BLUE))
+
+    def test_cover_fills_the_box_with_the_centre(self) -> None:
+        _, out = self.transform(width=50, height=50, fit="cover")
+        self.assertEqual(out.size, (50, 50))
+        for xy in ((2, 2), (47, 47), (25, 25)):
+            self.assertTrue(close(out.getpixel(xy), images.GREEN), xy)
+
+    def test_fill_stretches_to_the_box(self) -> None:
+        _, out = self.transform(width=90, height=120, fit="fill")
+        self.assertEqual(out.size, (90, 120))
+        self.assertTrue(close(out.getpixel((5, 110)), images.RED))
+        self.assertTrue(close(out.getpixel((45, 5)), images.GREEN))
+        self.assertTrue(close(out.getpixel((85, 60)), images.BLUE))
+
+    def test_cover_upscales_when_both_sides_are_given(self) -> None:
+        _, out = self.transform(width=600, height=400, fit="cover")
+        self.assertEqual(out.size, (600, 400))
+
+    def test_width_alone_keeps_the_aspect_ratio(self) -> None:
+        _, out = self.transform(width=60)
+        self.assertEqual(out.size, (60, 20))
+
+    def test_height_alone_keeps_the_aspect_ratio(self) -> None:
+        _, out = self.transform(height=10, fit="cover")
+        self.assertEqual(out.size, (30, 10))
+
+    def test_no_upscale_with_contain_or_a_single_side(self) -> None:
+        for fields in (
+            {"width": 900, "height": 900},
+            {"width": 900},
+            {"height": 200, "fit": "fill"},
+        ):
+            result, out = self.transform(**fields)
+            self.assertEqual(out.size, (300, 100), fields)
+            self.assertEqual((result.width, result.height), (300, 100))
+
+    def test_no_parameters_keep_the_size_and_the_format(self) -> None:
+        result, out = self.transform()
+        self.assertEqual(out.size, (300, 100))
+        self.assertEqual((result.output_format, result.content_type), ("png", "image/png"))
+
+
+class FormatTests(SynchronousTestCase):
+    """Each output format, from each kind of source."""
+
+    def test_every_output_format_round_trips(self) -> None:
+        source = images.encode(images.photo(200, 150), "PNG")
+        pillow_names = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
+        for fmt, pillow_name in pillow_names.items():
+            result = transform_image(source, spec(width=100, output_format=fmt), LIMITS)
+            out = images.decode(result.body)
+            self.assertEqual(out.format, pillow_name)
+            self.assertEqual(out.size, (100, 75), fmt)
+            self.assertEqual(result.output_format, fmt)
+            self.assertEqual(result.content_type, f"image/{fmt}")
+
+    def test_default_output_is_the_source_format(self) -> None:
+        for pillow_name, fmt in (
+            ("JPEG", "jpeg"),
+            ("WEBP", "webp"),
+            ("GIF", "gif"),
+            ("AVIF", "avif"),
+        ):
+            source = images.encode(images.photo(64, 48), pillow_name)
+            result = transform_image(source, spec(width=32), LIMITS)
+            self.assertEqual(result.output_format, fmt)
+            self.assertEqual(images.decode(result.body).format, pillow_name)
+
+    def test_jpeg_output_is_progressive(self) -> None:
+        source = images.encode(images.photo(), "PNG")
+        out = images.decode(transform_image(source, spec(output_format="jpeg"), LIMITS).body)
+        self.assertTrue(out.info.get("progressive") or out.info.get("progression"))
+
+    def test_quality_affects_the_size_of_lossy_formats(self) -> None:
+        source = images.encode(images.photo(), "PNG")
+        for fmt in ("jpeg", "webp", "avif"):
+            low = transform_image(source, spec(output_format=fmt, quality=20), LIMITS)
+            high = transform_image(source, spec(output_format=fmt, quality=95), LIMITS)
+            self.assertLess(len(low.body) * 1.5, len(high.body), fmt)
+
+    def test_rgba_to_jpeg_is_composited_on_white(self) -> None:
+        result = transform_image(images.rgba_png(), spec(output_format="jpeg"), LIMITS)
+        out = images.decode(result.body)
+        self.assertEqual(out.mode, "RGB")
+        self.assertTrue(close(out.getpixel((5, 20)), (255, 255, 255), 8))
+        self.assertTrue(close(out.getpixel((55, 20)), images.BLUE))
+
+    def test_rgba_keeps_its_alpha_in_webp_and_avif(self) -> None:
+        for fmt in ("webp", "avif", "png"):
+            result = transform_image(images.rgba_png(), spec(width=30, output_format=fmt), LIMITS)
+            out = images.decode(result.body).convert("RGBA")
+            self.assertEqual(out.getpixel((2, 10))[3], 0, fmt)
+            self.assertGreater(out.getpixel((28, 10))[3], 240, fmt)
+
+    def test_palette_png_keeps_its_transparency(self) -> None:
+        source = images.palette_png_with_transparency()
+        for fields, mode in (
+            ({}, "P"),
+            ({"output_format": "gif"}, "P"),
+            ({"width": 30, "output_format": "gif"}, "P"),
+            ({"width": 30}, "RGBA"),
+        ):
+            out = images.decode(transform_image(source, spec(**fields), LIMITS).body)
+            self.assertEqual(out.mode, mode, fields)
+            rgba = out.convert("RGBA")
+            self.assertEqual(rgba.getpixel((1, 1))[3], 0, fields)
+            self.assertEqual(rgba.getpixel((rgba.width - 2, 1)), (255, 0, 0, 255), fields)
+
+    def test_palette_png_to_webp_keeps_its_transparency(self) -> None:
+        source = images.palette_png_with_transparency()
+        out = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
+        rgba = out.convert("RGBA")
+        self.assertEqual(rgba.getpixel((1, 1))[3], 0)
+        self.assertTrue(close(rgba.getpixel((58, 1)), (255, 0, 0, 255)))
+
+    def test_16_bit_png_is_scaled_to_8_bits(self) -> None:
+        for fmt in ("png", "jpeg", "webp"):
+            result = transform_image(images.png_16bit(), spec(width=32, output_format=fmt), LIMITS)
+            out = images.decode(result.body).convert("L")
+            # 0x8000 is mid grey, not clipped to white.
+            self.assertTrue(close((out.getpixel((4, 8)),), (128,), 6), fmt)
+            self.assertTrue(close((out.getpixel((30, 8)),), (255,), 6), fmt)
+
+    def test_cmyk_jpeg_becomes_rgb(self) -> None:
+        result = transform_image(images.cmyk_jpeg(), spec(width=32), LIMITS)
+        out = images.decode(result.body)
+        self.assertEqual(out.mode, "RGB")
+        self.assertTrue(close(out.getpixel((3, 10)), (0, 255, 255), 50))
+        self.assertTrue(close(out.getpixel((29, 10)), (255, 255, 255), 20))
+
+    def test_cmyk_jpeg_with_an_unusable_profile_still_converts(self) -> None:
+        bogus = bytes(16) + b"CMYK" + bytes(108)
+        result = transform_image(images.cmyk_jpeg(icc_profile=bogus), spec(), LIMITS)
+        out = images.decode(result.body)
+        self.assertEqual(out.mode, "RGB")
+        self.assertNotIn("icc_profile", out.info)
+
+
+class MetadataTests(SynchronousTestCase):
+    """EXIF orientation applied, then every metadata but the colour profile dropped."""
+
+    def test_orientation_6_is_rotated_upright(self) -> None:
+        # Stored 200x100, red left, blue right; orientation 6 shows it turned
+        # clockwise: 100x200, red on top.
+        result = transform_image(images.jpeg_with_orientation(6), spec(), LIMITS)
+        out = images.decode(result.body)
+        self.assertEqual(out.size, (100, 200))
+        self.assertEqual((result.width, result.height), (100, 200))
+        self.assertTrue(close(out.getpixel((50, 20)), images.RED))
+        self.assertTrue(close(out.getpixel((50, 180)), images.BLUE))
+
+    def test_the_box_applies_to_the_displayed_orientation(self) -> None:
+        result = transform_image(images.jpeg_with_orientation(6), spec(width=50), LIMITS)
+        self.assertEqual(images.decode(result.body).size, (50, 100))
+        result = transform_image(
+            images.jpeg_with_orientation(6), spec(width=80, height=80, fit="cover"), LIMITS
+        )
+        out = images.decode(result.body)
+        self.assertEqual(out.size, (80, 80))
+        self.assertTrue(close(out.getpixel((40, 5)), images.RED))
+        self.assertTrue(close(out.getpixel((40, 75)), images.BLUE))
+
+    def test_every_orientation_comes_out_upright(self) -> None:
+        # Orientation -> where the stored left (red) half ends up when shown.
+        red_at = {
+            1: "left",
+            2: "right",
+            3: "right",
+            4: "left",
+            5: "top",
+            6: "top",
+            7: "bottom",
+            8: "bottom",
+        }
+        probes = {"left": (5, 50), "right": (195, 50), "top": (50, 5), "bottom": (50, 195)}
+        for orientation, side in red_at.items():
+            out = images.decode(
+                transform_image(images.jpeg_with_orientation(orientation), spec(), LIMITS).body
+            )
+            self.assertTrue(close(out.getpixel(probes[side]), images.RED), orientation)
+
+    def test_no_exif_or_xmp_survives(self) -> None:
+        for fmt in ("jpeg", "png", "webp", "avif"):
+            body = transform_image(
+                images.jpeg_with_orientation(6), spec(width=40, output_format=fmt), LIMITS
+            ).body
+            out = images.decode(body)
+            self.assertEqual(dict(out.getexif()), {}, fmt)
+            self.assertNotIn(b"imgproxy test camera", body, fmt)
+            self.assertNotIn(b"ns.adobe.com/xap", body, fmt)
+
+    def test_the_icc_profile_is_kept(self) -> None:
+        profile = images.srgb_profile()
+        source = images.encode(images.photo(120, 90), "JPEG", icc_profile=profile)
+        for fmt in ("jpeg", "png", "webp", "avif"):
+            result = transform_image(source, spec(width=60, output_format=fmt), LIMITS)
+            self.assertEqual(images.decode(result.body).info.get("icc_profile"), profile, fmt)
+
+    def test_a_grey_profile_is_not_attached_to_colour_output(self) -> None:
+        grey_profile = bytes(16) + b"GRAY" + bytes(108)
+        source = images.encode(Image.new("L", (20, 20), 100), "PNG", icc_profile=grey_profile)
+        kept = images.decode(transform_image(source, spec(), LIMITS).body)
+        self.assertEqual(kept.info.get("icc_profile"), grey_profile)
+        dropped = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
+        self.assertNotIn("icc_profile", dropped.info)
+
+
+class AnimationTests(SynchronousTestCase):
+    def test_animated_gif_stays_animated_as_gif_and_webp(self) -> None:
+        for fmt in ("gif", "webp"):
+            result = transform_image(
+                images.animated_gif(3), spec(width=40, output_format=fmt), LIMITS
+            )
+            out = images.decode(result.body)
+            self.assertEqual(out.n_frames, 3, fmt)
+            self.assertEqual(out.size, (40, 30), fmt)
+            self.assertEqual(out.info.get("loop"), 0, fmt)
+            for index, colour in enumerate(images.ANIMATION_COLOURS[:3]):
+                out.seek(index)
+                self.assertTrue(close(out.convert("RGB").getpixel((35, 25)), colour), (fmt, index))
+                self.assertEqual(out.info.get("duration"), 70, (fmt, index))
+
+    def test_animated_webp_stays_animated(self) -> None:
+        result = transform_image(images.animated_webp(4), spec(height=30), LIMITS)
+        out = images.decode(result.body)
+        self.assertEqual((out.format, out.n_frames, out.size), ("WEBP", 4, (40, 30)))
+
+    def test_animation_to_a_still_format_is_its_first_frame(self) -> None:
+        for fmt in ("jpeg", "png", "avif"):
+            result = transform_image(
+                images.animated_gif(3), spec(width=40, output_format=fmt), LIMITS
+            )
+            out = images.decode(result.body)
+            self.assertEqual(getattr(out, "n_frames", 1), 1, fmt)
+            self.assertTrue(close(out.convert("RGB").getpixel((35, 25)), images.RED), fmt)
+
+    def test_probe_counts_frames(self) -> None:
+        info = probe_source(images.animated_gif(5), LIMITS)
+        self.assertEqual(info, SourceInfo("gif", 80, 60, 5, "image/gif"))
+
+    def test_too_many_frames_is_413(self) -> None:
+        limits = TransformLimits(max_frames=4)
+        for source in (images.animated_gif(5), images.animated_webp(5)):
+            with self.assertRaises(ProxyError) as caught:
+                transform_image(source, spec(width=10), limits)
+            self.assertEqual(caught.exception.status, 413)
+            self.assertIn("frames", caught.exception.reason)
+
+    def test_too_many_pixels_in_all_frames_is_413(self) -> None:
+        # Each 100x100 frame is within the limit; five of them are over 4x it.
+        limits = TransformLimits(max_pixels=10_000)
+        with self.assertRaises(ProxyError) as caught:
+            probe_source(images.animated_gif(5, 100, 100), limits)
+        self.assertEqual(caught.exception.status, 413)
+        self.assertEqual(probe_source(images.animated_gif(4, 100, 100), limits).frames, 4)
+
+
+class LimitTests(SynchronousTestCase):
+    def test_probe_describes_a_still(self) -> None:
+        source = images.encode(images.photo(64, 48), "JPEG")
+        self.assertEqual(probe_source(source, LIMITS), SourceInfo("jpeg", 64, 48, 1, "image/jpeg"))
+
+    def test_a_png_header_claiming_50000x50000_is_413_before_decoding(self) -> None:
+        bomb = images.png_claiming(50_000, 50_000)
+        self.assertLess(len(bomb), 200)
+        for call in (
+            probe_source,
+            lambda data, limits: transform_image(data, spec(width=10), limits),
+        ):
+            with self.assertRaises(ProxyError) as caught:
+                call(bomb, LIMITS)
+            self.assertEqual(caught.exception.status, 413)
+            self.assertIn("50000x50000", caught.exception.reason)
+
+    def test_a_webp_canvas_over_the_limit_is_413(self) -> None:
+        with self.assertRaises(ProxyError) as caught:
+            probe_source(images.webp_claiming(16_000, 16_000), LIMITS)
+        self.assertEqual(caught.exception.status, 413)
+
+    def test_the_limit_is_configurable(self) -> None:
+        source = images.encode(images.photo(100, 100), "JPEG")
+        probe_source(source, TransformLimits(max_pixels=10_000))
+        with self.assertRaises(ProxyError) as caught:
+            probe_source(source, TransformLimits(max_pixels=9_999))
+        self.assertEqual(caught.exception.status, 413)
+
+    def test_a_limit_above_pillows_own_is_honoured(self) -> None:
+        # Pillow refuses more than twice its MAX_IMAGE_PIXELS by itself; a PNG
+        # this size under a larger configured limit is decoded (and found truncated).
+        self.addCleanup(setattr, Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+        bomb = images.png_claiming(20_000, 10_000)
+        with self.assertRaises(ProxyError) as caught:
+            probe_source(bomb, TransformLimits(max_pixels=50_000_000))
+        self.assertEqual(caught.exception.status, 413)
+        info = probe_source(bomb, TransformLimits(max_pixels=400_000_000))
+        self.assertEqual((info.width, info.height), (20_000, 10_000))
+
+
+class BadInputTests(SynchronousTestCase):
+    def assertStatus(self, data: bytes, *statuses: int) -> ProxyError:
+        with self.assertRaises(ProxyError) as caught:
+            transform_image(data, spec(width=10), LIMITS)
+        self.assertIn(caught.exception.status, statuses)
+        self.assertTrue(caught.exception.reason)
+        return caught.exception
+
+    def test_empty_body_is_415(self) -> None:
+        self.assertIn("empty", self.assertStatus(b"", 415).reason)
+
+    def test_html_is_415(self) -> None:
+        error = self.assertStatus(b"\n<!doctype html><html><body>Not found</body></html>", 415)
+        self.assertIn("HTML", error.reason)
+
+    def test_svg_bmp_and_tiff_are_415(self) -> None:
+        svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>'
+        self.assertIn("SVG", self.assertStatus(svg, 415).reason)
+        small = images.photo(8, 8)
+        self.assertIn("BMP", self.assertStatus(images.encode(small, "BMP"), 415).reason)
+        self.assertIn("TIFF", self.assertStatus(images.encode(small, "TIFF"), 415).reason)
+
+    def test_heic_like_iso_media_is_415(self) -> None:
+        self.assertStatus(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", 415)
+
+    def test_the_content_is_judged_not_its_name(self) -> None:
+        # PNG bytes are a PNG whatever the origin claimed.
+        source = images.encode(images.photo(20, 20), "PNG")
+        self.assertEqual(probe_source(source, LIMITS).format, "png")
+
+    def test_truncated_jpeg_is_502(self) -> None:
+        source = images.encode(images.photo(), "JPEG")
+        self.assertIn("truncated", self.assertStatus(source[: len(source) // 2], 502).reason)
+
+    def test_truncated_headers_are_refused(self) -> None:
+        for source in (
+            images.encode(images.photo(), "JPEG"),
+            images.rgba_png(),
+            images.animated_gif(),
+        ):
+            for length in (3, 10, 30, 100):
+                self.assertStatus(source[:length], 415, 502)
+
+    def test_truncated_png_gif_and_webp_are_502(self) -> None:
+        for source in (
+            images.encode(images.photo(), "PNG"),
+            images.animated_gif(),
+            images.encode(images.photo(), "WEBP"),
+        ):
+            self.assertStatus(source[: len(source) * 2 // 3], 502)
+
+
+def _mutated(source: bytes, seed: int, flips: int) -> bytes:
+    rng = random.Random(seed)
+    data = bytearray(source)
+    for _ in range(flips):
+        operation = rng.randrange(4)
+        where = rng.randrange(len(data))
+        if operation == 0:
+            data[where] = rng.randrange(256)
+        elif operation == 1:
+            del data[where:]
+        elif operation == 2:
+            data[where:where] = rng.randbytes(rng.randrange(1, 8))
+        else:
+            del data[where : where + rng.randrange(1, 16)]
+        if not data:
+            break
+    return bytes(data)
+
+
+_SEEDS = {
+    "jpeg": images.encode(images.photo(24, 16), "JPEG", quality=50),
+    "progressive jpeg": images.encode(images.photo(24, 16), "JPEG", progressive=True),
+    "png": images.rgba_png(24, 16),
+    "palette png": images.palette_png_with_transparency(24, 16),
+    "gif": images.animated_gif(3, 24, 16),
+    "webp": images.animated_webp(2, 24, 16),
+    "avif": images.encode(images.photo(24, 16), "AVIF", speed=10),
+}
+_FUZZ_LIMITS = TransformLimits(max_pixels=200_000, max_frames=10)
+_FUZZ_SPECS = st.builds(
+    TransformSpec,
+    url=st.just(URL),
+    width=st.one_of(st.none(), st.integers(1, 40)),
+    height=st.one_of(st.none(), st.integers(1, 40)),
+    fit=st.sampled_from(("contain", "cover", "fill")),
+    output_format=st.sampled_from((None, "jpeg", "png", "webp", "gif")),
+)
+
+
+class HostileInputTests(SynchronousTestCase):
+    """Whatever the bytes, the only exception is a ProxyError."""
+
+    def check(self, data: bytes, transform_spec: TransformSpec) -> None:
+        try:
+            result = transform_image(data, transform_spec, _FUZZ_LIMITS)
+        except ProxyError as e:
+            self.assertIn(e.status, (413, 415, 502))
+        else:
+            self.assertTrue(result.body)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.binary(max_size=512), transform_spec=_FUZZ_SPECS)
+    def test_random_bytes(self, data: bytes, transform_spec: TransformSpec) -> None:
+        self.check(data, transform_spec)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        prefix=st.sampled_from(
+            (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\0\0\0\0WEBP")
+        ),
+        rest=st.binary(max_size=256),
+        transform_spec=_FUZZ_SPECS,
+    )
+    def test_random_bytes_behind_valid_magic(
+        self, prefix: bytes, rest: bytes, transform_spec: TransformSpec
+    ) -> None:
+        self.check(prefix + rest, transform_spec)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        name=st.sampled_from(sorted(_SEEDS)),
+        seed=st.integers(0, 2**32),
+        flips=st.integers(1, 6),
+        transform_spec=_FUZZ_SPECS,
+    )
+    def test_mutated_valid_images(
+        self, name: str, seed: int, flips: int, transform_spec: TransformSpec
+    ) -> None:
+        self.check(_mutated(_SEEDS[name], seed, flips), transform_spec)
+
+
+class ConcurrencyTests(SynchronousTestCase):
+    def test_parallel_transforms_equal_serial_ones(self) -> None:
+        jobs = [
+            (images.encode(images.photo(300, 200), "JPEG"), spec(width=120, output_format="webp")),
+            (images.animated_gif(3), spec(width=40)),
+            (images.rgba_png(), spec(width=20, height=20, fit="cover", output_format="jpeg")),
+            (images.png_16bit(), spec(output_format="avif")),
+        ] * 4
+        serial = [transform_image(data, s, LIMITS).body for data, s in jobs]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            parallel = list(
+                pool.map(lambda job: transform_image(job[0], job[1], LIMITS).body, jobs)
+            )
+        self.assertEqual(parallel, serial)

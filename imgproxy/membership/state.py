@@ -200,9 +200,7 @@ class SwimNode:
         self._seq_no = 0
         self._incarnation = 0
         self._awareness = Awareness(profile.awareness_max_multiplier)
-        self._broadcasts = TransmitLimitedQueue(
-            profile.retransmit_mult, self._num_nodes, size_of
-        )
+        self._broadcasts = TransmitLimitedQueue(profile.retransmit_mult, self._num_nodes, size_of)
         self._suspicions: dict[str, SuspicionTimer] = {}
         self._ack_handlers: dict[int, _AckHandler] = {}
         self._probe: _Probe | None = None
@@ -637,9 +635,7 @@ class SwimNode:
             reclaim = self.profile.dead_node_reclaim_time
             can_reclaim = reclaim > 0 and now - state.state_change > reclaim
             if state.state == NodeState.LEFT or (state.state == NodeState.DEAD and can_reclaim):
-                self._log.info(
-                    "updating address of left or failed member {node}", node=state.name
-                )
+                self._log.info("updating address of left or failed member {node}", node=state.name)
                 updates_node = True
             else:
                 self._log.warn(
@@ -812,9 +808,7 @@ class SwimNode:
 
     def _send_msg(self, addr: Address, message: Message, extra: Sequence[Message] = ()) -> None:
         """Send ``message`` (and ``extra``) with as many queued broadcasts as fit."""
-        used = self._size_of(message) + sum(
-            self._size_of(m) + COMPOUND_OVERHEAD for m in extra
-        )
+        used = self._size_of(message) + sum(self._size_of(m) + COMPOUND_OVERHEAD for m in extra)
         budget = (
             self.profile.udp_buffer_size - used - COMPOUND_HEADER_OVERHEAD - self._packet_overhead
         )
@@ -834,28 +828,24 @@ class SwimNode:
     def _random_members(self, k: int, keep: Callable[[Member], bool]) -> list[Member]:
         """Up to ``k`` distinct random members passing ``keep``.
 
-        Like memberlist's kRandomNodes: random draws, at most ``3 n`` of them, so a
-        round costs O(k) in a large healthy cluster rather than a scan of the table.
+        A lazy Fisher-Yates shuffle: O(k) random draws in a healthy cluster, and unlike
+        memberlist's bounded random draws it never misses an eligible member.
         """
-        n = len(self._order)
+        names = list(self._order)
+        n = len(names)
         picked: list[Member] = []
-        seen: set[str] = set()
-        for _ in range(3 * n):
+        for i in range(n):
             if len(picked) >= k:
                 break
-            name = self._order[self._rng.randrange(n)]
-            if name in seen:
-                continue
-            seen.add(name)
-            member = self._members[name]
+            j = self._rng.randrange(i, n)
+            names[i], names[j] = names[j], names[i]
+            member = self._members[names[i]]
             if keep(member):
                 picked.append(member)
         return picked
 
     def _any_alive(self) -> bool:
-        return any(
-            m.name != self.name and not m.dead_or_left for m in self._members.values()
-        )
+        return any(m.name != self.name and not m.dead_or_left for m in self._members.values())
 
     def _emit(self, kind: EventKind, member: Member) -> None:
         try:

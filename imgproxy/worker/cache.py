@@ -319,6 +319,10 @@ class DiskCache:
             _write_file(directory, temp_name, path, data, self._fsync)
         except OSError as e:
             self._write_failed(key, e)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # When our own files fill the disk (a cap larger than the volume), nothing
+                # else will free space: give up the least recently used, so the next put fits.
+                self._evict_to(max(0, self._bytes - size))
             return entry
         if self._failing_writes:
             self._log.info(

@@ -44,9 +44,7 @@ def stepping_cooperator() -> tuple[Cooperator, Clock]:
 
 def entry_files(root: str) -> list[str]:
     return sorted(
-        os.path.join(directory, name)
-        for directory, _dirs, names in os.walk(root)
-        for name in names
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(root) for name in names
     )
 
 
@@ -480,7 +478,7 @@ class CodecTests(SynchronousTestCase):
     def test_garbage_never_decodes(self) -> None:
         key = variant_key(URL_A, 1)
         data, _ = encode_entry(key, b"body", "image/png", 12.5, URL_A)
-        for blob in (b"", b"IPXC", data[:HEADER_SIZE + 3], os.urandom(300), b"\x00" * 64):
+        for blob in (b"", b"IPXC", data[: HEADER_SIZE + 3], os.urandom(300), b"\x00" * 64):
             self.assertIsNone(decode_entry(key, blob))
         self.assertIsNone(decode_entry(variant_key(URL_A, 2), data))
 
@@ -583,6 +581,26 @@ class FailingDiskTests(CacheTestCase):
         self.assertEqual(cache.get(again.key), again)
         self.assertEqual(cache.stats.write_errors, 2)
 
+    def test_a_disk_filled_by_the_cache_itself_frees_room_for_the_next_put(self) -> None:
+        root = self.mount_tmpfs()
+        cache = self.make_cache(root=root, max_bytes=10 << 20)  # more than the disk holds
+        body = os.urandom(8000)
+        keys = [variant_key(URL_A, width) for width in range(1, 40)]
+        failed = next(
+            index
+            for index, key in enumerate(keys)
+            if cache.put(key, body, "image/png", URL_A) and cache.stats.write_errors
+        )
+        self.assertEqual(cache.stats.write_errors, 1)
+        self.assertNotIn(keys[failed], list(cache.keys()))
+        self.assertEqual(cache.stats.evictions, 1)
+        self.assertIsNone(cache.get(keys[0]))
+
+        again = cache.put(keys[failed + 1], body, "image/png", URL_A)
+        self.assertEqual(cache.get(again.key), again)
+        self.assertEqual(cache.stats.write_errors, 1)
+        self.assertEqual(cache.stats.entries, failed)
+
     def test_read_only_filesystem_put_serves_uncached_then_recovers(self) -> None:
         root = self.mount_tmpfs(size="1m")
         cache = self.make_cache(root=root)
@@ -618,10 +636,10 @@ class FailingDiskTests(CacheTestCase):
         key = variant_key(URL_A, 1)
         old = cache.put(key, b"old", "image/png", URL_A)
 
-        def quota_exceeded(source: str, destination: str) -> None:
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), destination)
+        def permission_denied(source: str, destination: str) -> None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), destination)
 
-        self.patch(cache_module.os, "replace", quota_exceeded)
+        self.patch(cache_module.os, "replace", permission_denied)
         cache.put(key, b"new", "image/png", URL_A)
         self.assertEqual(cache.get(key), old)
         self.assertEqual(cache.stats.write_errors, 1)

@@ -6,9 +6,14 @@ Layout: every entry of one source lives in one directory, so a purge is one remo
 
 Each file is a fixed header, msgpack metadata and the body (see ``encode_entry``). Files are
 written to a temporary name in the same directory and renamed over the final one, so a reader
-sees the old file or the new one, never half of either. No ``fsync``: it costs 2-3x a write
-here, and a file torn by a power loss is caught by the size check at start-up or the checksum
-on read and dropped, never served; the price is only that the entry may be lost.
+sees the old file or the new one, never half of either. No ``fsync`` by default: it made a
+10 KB put 2-5x slower on ext4 here (0.6 ms -> 1.2-2.8 ms), and a file torn by a power loss is
+caught by the size check at start-up or the checksum on read and dropped, never served; the
+price is only that the entry may be lost. ``fsync=True`` buys durability back.
+
+A put that fails (disk full, read-only, quota, permissions) is counted and logged once a
+burst; the caller serves the body uncached. When the disk is full, the least recently used
+entries make room, since our own files may be what fills it.
 
 The index (key -> size, created) lives in memory and is the only thing a miss touches. It is
 rebuilt from the headers at start-up by a cooperative scan, newest files first, so the hot
@@ -194,6 +199,12 @@ class DiskCache:
     ``get`` never raises and never serves a body whose length or checksum is wrong; ``put``
     never raises for an I/O failure (the disk full, read-only, ...), it counts it and the
     caller serves uncached.
+
+    ``max_bytes`` caps the files (headers and bodies); ``ttl`` is the age in ``clock``
+    seconds at which ``get`` stops returning an entry (``get_stale_ok`` still does);
+    ``cooperator`` runs the start-up scan (default: one on ``clock``), ``scan_batch`` files
+    a step; bodies up to ``memory_entry_limit`` are also kept in memory, ``memory_bytes`` in
+    all; ``fsync`` makes every put durable at a price.
     """
 
     _log = Logger()
@@ -208,7 +219,7 @@ class DiskCache:
         memory_bytes: int = 64 << 20,
         memory_entry_limit: int = 512 << 10,
         *,
-        scan_batch: int = 256,
+        scan_batch: int = 64,
         fsync: bool = False,
     ) -> None:
         self._root = os.path.abspath(root)

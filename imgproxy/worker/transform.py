@@ -242,26 +242,101 @@ def _isobmff_brands(data: bytes) -> set[bytes]:
 
 
 def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
-    """The pixel size declared at a fixed place in the header, for the formats
-    whose decoders allocate the canvas as soon as they are opened (WebP) or
-    where it costs nothing to look; ``None`` leaves it to Pillow's parser."""
+    """The pixel size the header declares, read before any decoder sees the data.
+
+    Pillow's own parsers would find it too, but its bomb guard warns on the
+    way, and the WebP decoder allocates the canvas as soon as it is opened.
+    ``None`` when the header is too broken to say; the decoder then fails.
+    """
     if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
         return struct.unpack(">II", data[16:24])
     if fmt == "gif" and len(data) >= 10:
         return struct.unpack("<HH", data[6:10])
     if fmt == "webp" and len(data) >= 30:
-        chunk = data[12:16]
-        if chunk == b"VP8X":
-            width = int.from_bytes(data[24:27], "little") + 1
-            height = int.from_bytes(data[27:30], "little") + 1
-            return width, height
-        if chunk == b"VP8 ":
-            width, height = struct.unpack("<HH", data[26:30])
-            return width & 0x3FFF, height & 0x3FFF
-        if chunk == b"VP8L" and data[20] == 0x2F:
-            (bits,) = struct.unpack("<I", data[21:25])
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return _webp_size(data)
+    if fmt == "jpeg":
+        return _jpeg_size(data)
+    if fmt == "avif":
+        return _avif_size(data)
     return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+# Start-of-frame markers (every coding process; not DHT, JPG or DAC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers that stand alone, without a length.
+_JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 9 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in _JPEG_BARE:
+            position += 2
+        elif marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return width, height
+        elif marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        else:
+            (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+            position += 2 + length
+    return None
+
+
+def _iso_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, body start, body end) of the ISO BMFF boxes in ``data[start:end]``."""
+    position = start
+    while position + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = position + 8
+        if size == 1 and body + 8 <= end:
+            (size,) = struct.unpack(">Q", data[body : body + 8])
+            body += 8
+        elif size == 0:
+            size = end - position
+        if size < body - position or position + size > end:
+            return
+        yield kind, body, position + size
+        position += size
+
+
+def _avif_size(data: bytes) -> tuple[int, int] | None:
+    # meta (a full box) > iprp > ipco > ispe: the largest declared extent,
+    # which for a grid image is the whole canvas.
+    sizes = []
+    for meta, meta_start, meta_end in _iso_boxes(data, 0, len(data)):
+        if meta != b"meta":
+            continue
+        for iprp, iprp_start, iprp_end in _iso_boxes(data, meta_start + 4, meta_end):
+            if iprp != b"iprp":
+                continue
+            for ipco, ipco_start, ipco_end in _iso_boxes(data, iprp_start, iprp_end):
+                if ipco != b"ipco":
+                    continue
+                for kind, start, end in _iso_boxes(data, ipco_start, ipco_end):
+                    if kind == b"ispe" and end - start >= 12:
+                        sizes.append(struct.unpack(">II", data[start + 4 : start + 12]))
+    return max(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
 def _check_pixels(width: int, height: int, limits: TransformLimits) -> None:
@@ -387,12 +462,34 @@ def transform_image(data: bytes, spec: TransformSpec, limits: TransformLimits) -
 
 
 def _orientation(image: Image.Image) -> int:
-    try:
-        value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:
-        # Broken EXIF does not make a broken image: show it as stored.
+    exif = image.info.get("exif")
+    return _exif_orientation(exif) if isinstance(exif, bytes) else 1
+
+
+def _exif_orientation(exif: bytes) -> int:
+    """The orientation tag of IFD0, or 1 (as stored) when absent or unreadable.
+
+    Read by hand: Pillow's EXIF parser warns on every corrupt tag (and on PNG
+    decodes the whole image first), while only one short is needed here.
+    """
+    if exif.startswith(b"Exif\x00\x00"):
+        exif = exif[6:]
+    byte_order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(exif[:4])
+    if byte_order is None:
         return 1
-    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
+    try:
+        (ifd,) = struct.unpack_from(byte_order + "I", exif, 4)
+        (count,) = struct.unpack_from(byte_order + "H", exif, ifd)
+        for index in range(count):
+            tag, kind, number = struct.unpack_from(byte_order + "HHI", exif, ifd + 2 + 12 * index)
+            if tag == _EXIF_ORIENTATION_TAG:
+                if kind != 3 or number != 1:  # one SHORT
+                    return 1
+                (value,) = struct.unpack_from(byte_order + "H", exif, ifd + 2 + 12 * index + 8)
+                return value if value in _ORIENTATION_TRANSPOSE else 1
+    except struct.error:
+        return 1
+    return 1
 
 
 def _render_still(

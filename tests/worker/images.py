@@ -146,3 +146,26 @@ def webp_claiming(width: int, height: int) -> bytes:
     vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00"
     vp8x += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
     return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small baseline JPEG whose frame header (SOF0) claims ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), RED), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def avif_claiming(width: int, height: int) -> bytes:
+    """A small AVIF whose image spatial extents (ispe) claim ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), RED), "AVIF", speed=10))
+    ispe = data.index(b"ispe")
+    data[ispe + 8 : ispe + 16] = struct.pack(">II", width, height)
+    return bytes(data)
+
+
+def oriented(pillow_format: str, orientation: int, width: int = 200, height: int = 100) -> bytes:
+    """Red-left, blue-right stripes saved as ``pillow_format`` with an EXIF ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stripes(width, height, (RED, BLUE)), pillow_format, exif=exif.tobytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import HealthCheck, given, settings
@@ -283,6 +284,22 @@ class MetadataTests(SynchronousTestCase):
             )
             self.assertTrue(close(out.getpixel(probes[side]), images.RED), orientation)
 
+    def test_orientation_is_read_from_every_source_format(self) -> None:
+        for pillow_format in ("JPEG", "PNG", "WEBP", "AVIF"):
+            source = images.oriented(pillow_format, 6)
+            out = images.decode(transform_image(source, spec(output_format="png"), LIMITS).body)
+            self.assertEqual(out.size, (100, 200), pillow_format)
+            self.assertTrue(close(out.getpixel((50, 5)), images.RED), pillow_format)
+
+    def test_broken_exif_shows_the_image_as_stored(self) -> None:
+        image = images.stripes(20, 10, (images.RED, images.BLUE))
+        for exif in (b"Exif\x00\x00MM\x00*\x00\x00\xff\xff", b"Exif\x00\x00II*\x00", b"junk"):
+            source = images.encode(image, "JPEG", exif=exif)
+            # Pillow's JPEG parser itself warns about the EXIF (for its DPI): just noise.
+            with warnings.catch_warnings(record=True):
+                result = transform_image(source, spec(), LIMITS)
+            self.assertEqual((result.width, result.height), (20, 10))
+
     def test_no_exif_or_xmp_survives(self) -> None:
         for fmt in ("jpeg", "png", "webp", "avif"):
             body = transform_image(
@@ -375,6 +392,16 @@ class LimitTests(SynchronousTestCase):
                 call(bomb, LIMITS)
             self.assertEqual(caught.exception.status, 413)
             self.assertIn("50000x50000", caught.exception.reason)
+
+    def test_jpeg_and_avif_headers_over_the_limit_are_413_without_pillow_warnings(self) -> None:
+        for bomb in (images.jpeg_claiming(20_000, 5_000), images.avif_claiming(20_000, 5_000)):
+            with warnings.catch_warnings():
+                # Pillow's bomb guard would warn above 89M pixels: ours must speak first.
+                warnings.simplefilter("error")
+                with self.assertRaises(ProxyError) as caught:
+                    transform_image(bomb, spec(width=10), LIMITS)
+            self.assertEqual(caught.exception.status, 413)
+            self.assertIn("20000x5000", caught.exception.reason)
 
     def test_a_webp_canvas_over_the_limit_is_413(self) -> None:
         with self.assertRaises(ProxyError) as caught:

@@ -127,12 +127,14 @@ def _decode(raw: bytes, what: str) -> str:
         raise ProxyError(400, f"{what} is not valid UTF-8") from None
 
 
-def decode_query(raw_query: bytes) -> dict[str, str]:
-    """Decode a raw query into a dict, refusing repeats and unknown names."""
+def decode_query(
+    raw_query: bytes, known: frozenset[str] = KNOWN_PARAMETERS
+) -> dict[str, str]:
+    """Decode a raw query into a dict, refusing repeats and names not in ``known``."""
     values: dict[str, str] = {}
     for raw_name, raw_value in split_query(raw_query):
         name = _decode(raw_name, "a parameter name")
-        if name not in KNOWN_PARAMETERS:
+        if name not in known:
             shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode()
             raise ProxyError(400, f"unknown parameter {shown!r}")
         if name in values:
@@ -184,10 +186,12 @@ def _parse_choice(values: dict[str, str], name: str, choices: Iterable[str]) -> 
     return text
 
 
-def negotiate_format(accept: str | None) -> str | None:
+def negotiate_format(accept: str | bytes | None) -> str | None:
     """``format=auto``: avif, then webp, then ``None`` (the source's format)."""
     if not accept:
         return None
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
     offered = set()
     for item in accept.split(","):
         media, _, rest = item.strip().partition(";")
@@ -247,7 +251,7 @@ def check_signature(raw_query: bytes, values: dict[str, str], key: bytes | None)
 
 
 def parse_image_query(
-    raw_query: bytes, accept: str | None, signing_key: bytes | None
+    raw_query: bytes, accept: str | bytes | None, signing_key: bytes | None
 ) -> ImageRequest:
     """Parse the public ``GET /image`` query into an ``ImageRequest``."""
     values = decode_query(raw_query)

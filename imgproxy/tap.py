@@ -17,6 +17,7 @@ from imgproxy.config import (
     ROLES,
     Config,
     ConfigError,
+    default_advertise_address,
     http_endpoint,
     parse_duration,
     parse_networks,
@@ -117,11 +118,6 @@ class Options(usage.Options):
             self.config = self.to_config()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        if self.config.role != "standalone":
-            raise usage.UsageError(
-                f"--role {self.config.role} is not available yet: "
-                "only standalone runs in this version"
-            )
 
     def _given(self, name: str) -> bool:
         defaults = dict((p[0], p[2]) for p in self.optParameters)
@@ -190,17 +186,158 @@ def makeService(options: Options) -> IService:
     """Compose the node for ``options.config``: the only place that picks the reactor."""
     from twisted.internet import reactor
 
-    return build_standalone(options.config, reactor)
+    return build_node(options.config, reactor)
 
 
-def build_standalone(config: Config, reactor: Any) -> MultiService:
-    """Gateway and worker in one process: no network hop between them."""
+def build_node(config: Config, reactor: Any) -> MultiService:
+    """Every role's node: its HTTP site, its worker and/or gateway parts, its membership.
+
+    Services stop one after another, in reverse order of addition: membership
+    first (the cluster stops routing here), then a worker lingers so the new
+    owners of its keys can pull them, then the HTTP listener closes and
+    in-flight requests finish.
+    """
     from twisted.application import strports
 
-    from imgproxy.lifecycle import LifecycleService
+    from imgproxy.cluster import ClusterView, key_shares
+    from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
     from imgproxy.metrics import NodeMetrics
     from imgproxy.web.public import ImageResource
     from imgproxy.web.site import HealthResource, MetricsResource, NodeRoot, NodeSite
+    from imgproxy.web.status import StatusJson, StatusPage
+
+    root = SequentialService()
+    metrics = NodeMetrics()
+    advertise = config.advertise or default_advertise_address(config.bind)
+    membership = build_membership(config, advertise, reactor) if config.runs_membership else None
+    view = ClusterView(me=config.node_name)
+    children: dict[bytes, Any] = {}
+    images = None
+    cache = None
+    signer = None
+    if config.cluster_secret is not None:
+        from imgproxy.auth import RequestSigner
+
+        signer = RequestSigner.from_secret(config.cluster_secret)
+
+    if config.role in ("standalone", "worker"):
+        images, cache = build_worker_part(config, reactor, metrics, root)
+    client = None
+    if config.role in ("gateway", "worker"):
+        from imgproxy.gateway.client import WorkerClient
+
+        client = WorkerClient(reactor, signer, produce_timeout=config.fetch_timeout + 60)
+        LifecycleService("worker-client", on_stop=client.close).setServiceParent(root)
+
+    if config.role == "standalone":
+        assert images is not None
+        backend: Any = images
+    elif config.role == "gateway":
+        from imgproxy.gateway.router import ClusterBackend
+        from imgproxy.placement import BoundedLoad
+
+        backend = ClusterBackend(view, client, BoundedLoad(config.load_epsilon), reactor, metrics)
+    else:
+        from imgproxy.worker.handoff import PeerHandoff
+        from imgproxy.worker.internal import internal_api
+
+        assert images is not None
+        images.peers = PeerHandoff(view, client)
+        backend = None
+        children[b"v1"] = internal_api(images, signer, reactor, metrics)
+    if backend is not None:
+        children[b"image"] = ImageResource(
+            backend, metrics, config.signing_key, int(config.cache_ttl)
+        )
+
+    me = {
+        "name": config.node_name,
+        "role": config.role,
+        "address": advertise,
+        "http_port": config.http_port,
+        "gossip_port": config.gossip_port if membership is not None else None,
+    }
+
+    def members() -> list[dict[str, Any]]:
+        if membership is None:
+            return [{**me, "state": "alive", "incarnation": 0}]
+        return membership.describe_members()
+
+    def health() -> dict[str, Any]:
+        listed = members()
+        mine = next((m for m in listed if m["name"] == config.node_name), None)
+        return {
+            **me,
+            "state": mine["state"] if mine else "alive",
+            "incarnation": mine["incarnation"] if mine else 0,
+            "members": listed,
+        }
+
+    def status() -> dict[str, Any]:
+        shares = (
+            {config.node_name: 1.0}
+            if config.role == "standalone"
+            else key_shares(view.current)
+        )
+        return {
+            "node": me,
+            "members": members(),
+            "key_shares": shares,
+            "cache": cache_status(cache) if cache is not None else {},
+        }
+
+    children[b"health"] = HealthResource(health)
+    children[b"metrics"] = MetricsResource(metrics)
+    children[b"status.json"] = StatusJson(status)
+    site = NodeSite(NodeRoot(children, index=StatusPage(status)))
+    DrainService(site, reactor).setServiceParent(root)
+    strports.service(config.http, site, reactor=reactor).setServiceParent(root)
+
+    if membership is not None:
+        from imgproxy.membership.service import watch_workers
+
+        watch_workers(membership, view, backend if config.role == "gateway" else None)
+        if config.role == "worker":
+            # Stopped before the listener: the worker stays reachable a moment after
+            # leaving, so the new owners of its keys can still pull them.
+            LifecycleService(
+                "handoff-linger", on_stop=lambda: linger(reactor, HANDOFF_LINGER_SECONDS)
+            ).setServiceParent(root)
+        membership.setServiceParent(root)
+        add_membership_gauges(metrics, membership)
+    return root
+
+
+HANDOFF_LINGER_SECONDS = 3.0
+
+
+def linger(reactor: Any, seconds: float) -> Any:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def build_membership(config: Config, advertise: str, reactor: Any) -> Any:
+    from imgproxy.membership.keyring import Keyring
+    from imgproxy.membership.profiles import LAN, LOCAL
+    from imgproxy.membership.service import MembershipService
+
+    return MembershipService(
+        reactor,
+        name=config.node_name,
+        bind=config.bind,
+        advertise=advertise,
+        port=config.gossip_port,
+        tags={"role": config.role, "http": str(config.http_port)},
+        profile=LOCAL if config.membership_profile == "local" else LAN,
+        keyring=Keyring([config.cluster_secret]) if config.cluster_secret else None,
+        seeds=config.join,
+    )
+
+
+def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiService) -> Any:
+    """The cache, the fetcher and the transform pool, tied together in an ImageService."""
+    from imgproxy.lifecycle import LifecycleService
     from imgproxy.worker.addresses import AddressPolicy
     from imgproxy.worker.cache import DiskCache
     from imgproxy.worker.fetch import FetchLimits, SourceFetcher
@@ -208,8 +345,6 @@ def build_standalone(config: Config, reactor: Any) -> MultiService:
     from imgproxy.worker.pool import TransformPool
     from imgproxy.worker.transform import TransformLimits
 
-    root = MultiService()
-    metrics = NodeMetrics()
     pool = TransformPool(reactor, config.transform_threads, config.transform_queue)
     pool.setServiceParent(root)
     cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_ttl, reactor)
@@ -228,32 +363,17 @@ def build_standalone(config: Config, reactor: Any) -> MultiService:
         metrics,
     )
     add_node_gauges(metrics, cache, pool)
-    site = NodeSite(
-        NodeRoot(
-            {
-                b"image": ImageResource(
-                    images, metrics, config.signing_key, int(config.cache_ttl)
-                ),
-                b"health": HealthResource(lambda: standalone_health(config)),
-                b"metrics": MetricsResource(metrics),
-            }
-        )
-    )
-    strports.service(config.http, site, reactor=reactor).setServiceParent(root)
-    return root
+    return images, cache
 
 
-def standalone_health(config: Config) -> dict[str, Any]:
-    address = config.advertise or config.bind
-    me = {
-        "name": config.node_name,
-        "role": config.role,
-        "address": address,
-        "http_port": config.http_port,
-        "state": "alive",
-        "incarnation": 0,
+def cache_status(cache: Any) -> dict[str, Any]:
+    stats = cache.stats
+    lookups = stats.hits + stats.misses
+    return {
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "hit_ratio": stats.hits / lookups if lookups else None,
     }
-    return {**me, "members": [me]}
 
 
 def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
@@ -275,6 +395,42 @@ def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
             gauge("imgproxy_transforms_in_progress", "Transforms running or waiting",
                   pool.in_progress),
             counter("imgproxy_transforms_refused", "Transforms refused with 503", pool.refused),
+        ]
+
+    metrics.add_gauges(read)
+
+
+def add_membership_gauges(metrics: Any, membership: Any) -> None:
+    from prometheus_client.core import GaugeMetricFamily
+
+    from imgproxy.membership.service import state_name
+    from imgproxy.metrics import counter, gauge
+
+    def read() -> list[Any]:
+        by_state = GaugeMetricFamily(
+            "imgproxy_members", "Members this node knows, by state", labels=["state"]
+        )
+        counts = {"alive": 0, "suspect": 0, "failed": 0, "left": 0}
+        for member in membership.members():
+            counts[state_name(member)] += 1
+        for state, count in counts.items():
+            by_state.add_metric([state], count)
+        node, shell = membership.node, membership.counters
+        return [
+            by_state,
+            counter("imgproxy_gossip_probes", "Probes sent", node.counters.probes),
+            counter("imgproxy_gossip_failed_probes", "Probes without an ack",
+                    node.counters.failed_probes),
+            counter("imgproxy_gossip_suspicions", "Members suspected", node.counters.suspicions),
+            counter("imgproxy_gossip_refutations", "Suspicions of this node refuted",
+                    node.counters.refutations),
+            gauge("imgproxy_gossip_health_score", "Lifeguard local health (0 is healthy)",
+                  node.health_score),
+            counter("imgproxy_gossip_packets_in", "UDP packets received", shell.packets_in),
+            counter("imgproxy_gossip_packets_out", "UDP packets sent", shell.packets_out),
+            counter("imgproxy_gossip_bytes_in", "UDP bytes received", shell.bytes_in),
+            counter("imgproxy_gossip_bytes_out", "UDP bytes sent", shell.bytes_out),
+            counter("imgproxy_gossip_dropped", "Bad packets or streams dropped", shell.dropped),
         ]
 
     metrics.add_gauges(read)

@@ -72,11 +72,12 @@ class FlagTests(SynchronousTestCase):
             with self.subTest(argv=argv), self.assertRaises(usage.UsageError):
                 options(argv)
 
-    def test_cluster_roles_are_refused_until_they_exist(self) -> None:
+    def test_cluster_roles_run_membership(self) -> None:
         for role in ("gateway", "worker"):
-            with self.subTest(role=role), self.assertRaises(usage.UsageError) as caught:
-                options(["--role", role])
-            self.assertIn("not available", str(caught.exception))
+            with self.subTest(role=role):
+                config = options(["--role", role]).config
+                self.assertEqual(config.role, role)
+                self.assertTrue(config.runs_membership)
 
 
 class EnvironmentTests(SynchronousTestCase):

@@ -1,0 +1,97 @@
+"""A tiny Service for collaborators that only need a start and a stop call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+
+class LifecycleService(Service):
+    """Calls ``on_start`` when the service starts and ``on_stop`` when it stops.
+
+    A failing start is logged, not raised: the node keeps serving (a cache
+    whose index cannot be rebuilt still serves misses).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        on_start: Callable[[], Any] | None = None,
+        on_stop: Callable[[], Any] | None = None,
+    ) -> None:
+        self.name = name
+        self._on_start = on_start
+        self._on_stop = on_stop
+
+    def startService(self) -> None:
+        super().startService()
+        if self._on_start is not None:
+            maybeDeferred(self._on_start).addErrback(
+                lambda f: self._log.failure("starting {name} failed", f, name=self.name)
+            )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._on_stop is not None:
+            return maybeDeferred(self._on_stop).addErrback(
+                lambda f: self._log.failure("stopping {name} failed", f, name=self.name)
+            )
+        return None
+
+
+class SequentialService(MultiService):
+    """A MultiService that stops its children one at a time, last added first.
+
+    ``MultiService`` stops them all at once; a node needs order: leave the
+    cluster, linger, stop listening, then drain.
+    """
+
+    @inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                self._log.failure("stopping {service} failed", service=service)
+
+    _log = Logger()
+
+
+class DrainService(Service):
+    """On stop, waits until the site's in-flight requests have finished (or a deadline)."""
+
+    _log = Logger()
+
+    def __init__(self, site: Any, clock: IReactorTime, deadline: float = 10.0,
+                 poll: float = 0.05) -> None:
+        self.name = "drain"
+        self._site = site
+        self._clock = clock
+        self._deadline = deadline
+        self._poll = poll
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        done: Deferred[None] = Deferred()
+        waited = [0.0]
+
+        def check() -> None:
+            if self._site.in_flight <= 0 or waited[0] >= self._deadline:
+                if self._site.in_flight > 0:
+                    self._log.warn("{count} requests still in flight at shutdown",
+                                   count=self._site.in_flight)
+                done.callback(None)
+                return
+            waited[0] += self._poll
+            self._clock.callLater(self._poll, check)
+
+        check()
+        return done

@@ -1,0 +1,201 @@
+"""The public HTTP API: ``GET /image``, ``DELETE /image``, and JSON errors everywhere.
+
+``ImageResource`` is the hottest code of the project: a cache hit is one query
+parse, one dictionary lookup and one write, with no Deferred in between.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from imgproxy.errors import ProxyError
+from imgproxy.metrics import NodeMetrics
+from imgproxy.params import ImageRequest, TransformSpec, parse_image_query, parse_purge_query
+from imgproxy.worker.cache import CacheEntry
+
+
+class ImageBackend(Protocol):
+    """Where images come from: the local worker (standalone) or the cluster (gateway)."""
+
+    def cached(self, spec: TransformSpec) -> CacheEntry | None:
+        """A cached variant answered synchronously, or None (then ``serve`` is called)."""
+
+    def serve(self, spec: TransformSpec) -> Deferred[tuple[CacheEntry, bool]]:
+        """The variant and whether it was a cache hit."""
+
+    def purge(self, url: str) -> Deferred[None]:
+        """Remove the source and every variant of ``url`` wherever it is cached."""
+
+
+def write_error(request: Request, error: ProxyError) -> bytes:
+    """Set the status and headers of the contract's JSON error; return its body."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    if error.retry_after is not None:
+        request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
+    return error.json_body()
+
+
+def raw_query_of(request: Request) -> bytes:
+    return request.uri.partition(b"?")[2]
+
+
+def etag_matches(if_none_match: bytes, etag: str) -> bool:
+    """RFC 9110 weak comparison of ``If-None-Match`` against our strong ETag."""
+    wanted = etag.encode("ascii")
+    for candidate in if_none_match.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*":
+            return True
+        if candidate.startswith(b"W/"):
+            candidate = candidate[2:]
+        if candidate == wanted:
+            return True
+    return False
+
+
+class JsonResource(Resource):
+    """A Resource whose unsupported methods get a JSON 405, not Twisted's HTML page."""
+
+    allowed_methods: tuple[bytes, ...] = (b"GET", b"HEAD")
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method not in self.allowed_methods:
+            request.setHeader(b"allow", b", ".join(self.allowed_methods))
+            return write_error(
+                request, ProxyError(405, f"method {request.method.decode('latin-1')} not allowed")
+            )
+        return super().render(request)
+
+
+class NotFound(JsonResource):
+    """Every unknown path: a JSON 404."""
+
+    isLeaf = True
+    allowed_methods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")
+
+    def render(self, request: Request) -> bytes:
+        return write_error(request, ProxyError(404, "no such resource"))
+
+
+class ImageResource(JsonResource):
+    """``/image``: serve a variant (GET, HEAD) or purge a source (DELETE)."""
+
+    isLeaf = True
+    allowed_methods = (b"GET", b"HEAD", b"DELETE")
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: ImageBackend,
+        metrics: NodeMetrics,
+        signing_key: bytes | None,
+        max_age: int,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        super().__init__()
+        self._backend = backend
+        self._metrics = metrics
+        self._signing_key = signing_key
+        self._cache_control = f"public, max-age={max_age}".encode("ascii")
+        self._timer = timer
+
+    def render_GET(self, request: Request) -> bytes | int:
+        started = self._timer()
+        try:
+            parsed = parse_image_query(
+                raw_query_of(request), request.getHeader(b"accept"), self._signing_key
+            )
+        except ProxyError as error:
+            self._metrics.count_request("image", error.status)
+            return write_error(request, error)
+        entry = self._backend.cached(parsed.spec)
+        if entry is not None:
+            body = self._write_image(request, parsed, entry, b"HIT")
+            self._metrics.count_image(True, self._timer() - started)
+            return body
+        d = self._backend.serve(parsed.spec)
+        d.addCallbacks(
+            self._served, self._failed, (request, parsed, started), None, (request,), None
+        )
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    def _served(
+        self,
+        result: tuple[CacheEntry, bool],
+        request: Request,
+        parsed: ImageRequest,
+        started: float,
+    ) -> None:
+        entry, hit = result
+        if request.finished or request._disconnected:
+            return
+        body = self._write_image(request, parsed, entry, b"HIT" if hit else b"MISS")
+        self._metrics.count_image(hit, self._timer() - started)
+        if body:
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+        request.finish()
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError) or request.finished or request._disconnected:
+            return
+        error = failure.value
+        if not isinstance(error, ProxyError):
+            self._log.failure("serving {uri} failed", failure, uri=request.uri)
+            error = ProxyError(502, "the image could not be processed")
+        self._metrics.count_request("image", error.status)
+        body = write_error(request, error)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _write_image(
+        self, request: Request, parsed: ImageRequest, entry: CacheEntry, cache_status: bytes
+    ) -> bytes:
+        """Headers of a 200 (or 304); returns the body to write."""
+        headers = request.responseHeaders
+        etag = entry.etag
+        headers.setRawHeaders(b"etag", [etag.encode("ascii")])
+        headers.setRawHeaders(b"cache-control", [self._cache_control])
+        headers.setRawHeaders(b"x-cache", [cache_status])
+        if parsed.varies_on_accept:
+            headers.setRawHeaders(b"vary", [b"Accept"])
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None and etag_matches(if_none_match, etag):
+            request.setResponseCode(304)
+            self._metrics.count_request("image", 304)
+            return b""
+        headers.setRawHeaders(b"content-type", [entry.content_type.encode("ascii")])
+        headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
+        self._metrics.count_request("image", 200)
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", str(len(entry.body)).encode("ascii"))
+            return b""
+        return entry.body
+
+    def render_DELETE(self, request: Request) -> bytes | int:
+        try:
+            url = parse_purge_query(raw_query_of(request), self._signing_key)
+        except ProxyError as error:
+            self._metrics.count_request("purge", error.status)
+            return write_error(request, error)
+        d = self._backend.purge(url)
+
+        def purged(_: object) -> None:
+            self._metrics.count_request("purge", 204)
+            request.setResponseCode(204)
+            request.finish()
+
+        d.addCallbacks(purged, self._failed, errbackArgs=(request,))
+        return NOT_DONE_YET

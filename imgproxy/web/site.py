@@ -1,0 +1,102 @@
+"""The HTTP site of a node: its resource tree, ``/health``, ``/metrics`` and the access log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from imgproxy.metrics import NodeMetrics
+from imgproxy.web.public import JsonResource, NotFound
+
+
+class HealthResource(JsonResource):
+    """``GET /health``: this node and the members it knows, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._describe = describe
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self._describe(), sort_keys=True).encode("utf-8")
+
+
+class MetricsResource(JsonResource):
+    """``GET /metrics``: the node's registry in Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._metrics.registry)
+
+
+class NodeRoot(Resource):
+    """The root: named children, JSON 404 for everything else, and ``/`` itself."""
+
+    def __init__(self, children: dict[bytes, IResource], index: IResource | None = None) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.putChild(name, child)
+        self._index = index
+        self._not_found = NotFound()
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"" and self._index is not None:
+            return self._index
+        return self._not_found
+
+    def render(self, request: Request) -> bytes:
+        if self._index is not None:
+            return self._index.render(request)
+        return self._not_found.render(request)
+
+
+class TrackedRequest(Request):
+    """A request the site counts while it is in flight (for a draining shutdown)."""
+
+    def process(self) -> None:
+        site = self.channel.site
+        site.in_flight += 1
+        self.notifyFinish().addBoth(site.request_done)
+        super().process()
+
+
+class NodeSite(Site):
+    """A ``Site`` that counts in-flight requests and logs through ``twisted.logger``."""
+
+    _log = Logger(namespace="imgproxy.access")
+    displayTracebacks = False
+    requestFactory = TrackedRequest
+
+    def __init__(self, resource: IResource) -> None:
+        super().__init__(resource)
+        self.in_flight = 0
+
+    def request_done(self, _: object) -> None:
+        self.in_flight -= 1
+
+    def log(self, request: Request) -> None:
+        self._log.info(
+            '{client} "{method} {uri}" {status} {length}',
+            client=request.getClientAddress().host
+            if hasattr(request.getClientAddress(), "host")
+            else "-",
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1")[:2048],
+            status=request.code,
+            length=request.sentLength,
+        )

@@ -1,0 +1,207 @@
+"""The measurements: wrk runs, concurrent-miss memory sampling, output bytes, the Pillow ceiling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from PIL import Image
+from procs import http_get
+from targets import BENCH, ROOT, Target
+
+WRK = BENCH / "wrk"
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15 minute load averages, to print beside every number."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def wrk(target: Target, script: str, env: dict[str, str], threads: int, conns: int,
+        seconds: int, out: Path) -> dict:
+    """One wrk run with ``script``; its report.lua JSON, its stdout and the load before it."""
+    report = out.with_suffix(".json")
+    report.unlink(missing_ok=True)
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "60s",
+            "-s", str(WRK / script), target.base]
+    before = load()
+    proc = subprocess.run(argv, env={**os.environ, **env, "WRK_REPORT": str(report)},
+                          capture_output=True, text=True, timeout=seconds + 120)
+    out.with_suffix(".txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not report.exists():
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    data = json.loads(report.read_text())
+    secs = data["duration_us"] / 1e6
+    pct = {p: us / 1000 for p, us in data["latency_us"]["percentiles"]}
+    return {
+        "command": " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv),
+        "load_before": before,
+        "requests": data["requests"],
+        "seconds": round(secs, 3),
+        "rps": round(data["requests"] / secs, 2),
+        "p50_ms": round(pct["50"], 2),
+        "p90_ms": round(pct["90"], 2),
+        "p99_ms": round(pct["99"], 2),
+        "max_ms": round(data["latency_us"]["max"] / 1000, 2),
+        "errors": data["errors"],
+        "percentiles_ms": [[float(p), round(us / 1000, 3)]
+                           for p, us in data["latency_us"]["percentiles"]],
+        "wrk_stdout": out.with_suffix(".txt").name,
+    }
+
+
+def hits(target: Target, source: str, seconds: int, out: Path) -> dict:
+    """Cache hits: one URL at w=320, warmed first, hammered at 32 connections."""
+    path = target.path(source, 320)
+    for _ in range(2):
+        status, headers, body = http_get(target.base + path)
+        if status != 200:
+            raise RuntimeError(f"{target.name}: warm-up of {path} got {status}: {body[:200]!r}")
+    result = wrk(target, "hit.lua", {"WRK_PATH": path}, 2, 32, seconds, out)
+    result["x_cache"] = headers.get("x-cache")
+    result["path"] = path
+    return result
+
+
+def fresh(target: Target, source: str, cached_source: bool, seconds: int, run_id: str,
+          out: Path) -> dict:
+    """Fresh transforms: every request a new box (w=320, h=201+i: same output, new key).
+
+    With ``cached_source`` the source is fetched once before; else each request names the
+    source by a new URL (``/v/RUN-i/...`` on the origin), so each one is fetched too.
+    """
+    if cached_source:
+        src = source
+        status, _h, body = http_get(target.base + target.path(src, 320, 200))
+        if status != 200:
+            raise RuntimeError(f"{target.name}: warm-up of {src} got {status}: {body[:200]!r}")
+    else:
+        src = f"/v/{run_id}-{{i}}{source}"
+        probe = target.path(src, 320, 200).replace("{i}", "probe")
+        status, _h, body = http_get(target.base + probe)
+        if status != 200:
+            raise RuntimeError(f"{target.name}: probe {probe} got {status}: {body[:200]!r}")
+    template = target.path(src, 320, "{i}")
+    result = wrk(target, "fresh.lua", {"WRK_TEMPLATE": template, "WRK_I0": "201"},
+                 1, 4, seconds, out)
+    result["template"] = template
+    return result
+
+
+def _tree_memory(pids: list[int]) -> tuple[int, dict[int, int]]:
+    """Summed VmRSS of the processes and all their descendants; VmHWM of each."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs[pid] = p
+            for c in p.children(recursive=True):
+                procs[c.pid] = c
+        except psutil.NoSuchProcess:
+            continue
+    total = 0
+    hwm: dict[int, int] = {}
+    for pid in procs:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                    elif line.startswith("VmHWM:"):
+                        hwm[pid] = int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total, hwm
+
+
+def memory(target: Target, source: str, concurrent: int = 32, timeout: float = 180.0) -> dict:
+    """Peak resident memory while ``concurrent`` distinct misses of ``source`` run at once.
+
+    Run it first on a freshly started server, so that the source is not cached either.
+    Samples every 100 ms: the summed VmRSS of the server's process tree and each VmHWM.
+    """
+    idle, _ = _tree_memory(target.pids())
+    paths = [target.path(source, 320, 1000 + k) for k in range(concurrent)]
+    statuses: list[int | str] = [0] * concurrent
+    barrier = threading.Barrier(concurrent + 1)
+    t0 = time.monotonic()
+    finished = [0.0] * concurrent
+
+    def one(k: int) -> None:
+        barrier.wait()
+        try:
+            statuses[k], _h, _b = http_get(target.base + paths[k], timeout=timeout)
+        except OSError as e:
+            statuses[k] = f"{type(e).__name__}: {e}"
+        finished[k] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(concurrent)]
+    for th in threads:
+        th.start()
+    samples: list[list[float]] = []
+    hwm_peak: dict[int, int] = {}
+    barrier.wait()
+    t0 = time.monotonic()
+    end_after = None
+    while True:
+        now = time.monotonic() - t0
+        rss, hwm = _tree_memory(target.pids())
+        for pid, v in hwm.items():
+            hwm_peak[pid] = max(hwm_peak.get(pid, 0), v)
+        samples.append([round(now, 2), rss])
+        if end_after is None and not any(th.is_alive() for th in threads):
+            end_after = now + 1.0  # a second of tail, to see memory come back down
+        if (end_after is not None and now >= end_after) or now > timeout + 5:
+            break
+        time.sleep(0.1)
+    ok = sum(1 for s in statuses if s == 200)
+    return {
+        "source": source,
+        "concurrent": concurrent,
+        "idle_rss": idle,
+        "peak_rss": max(s[1] for s in samples),
+        "peak_hwm_max": max(hwm_peak.values()) if hwm_peak else 0,
+        "peak_hwm_sum": sum(hwm_peak.values()),
+        "ok": ok,
+        "statuses": sorted({str(s) for s in statuses}),
+        "wall_s": round(max(finished), 2),
+        "samples": samples,
+        "load_before": None,
+    }
+
+
+def output_bytes(target: Target, sources: list[str]) -> dict:
+    """Bytes, format and size of the w=320 q=80 result of each source."""
+    result = {}
+    for src in sources:
+        status, headers, body = http_get(target.base + target.path(src, 320))
+        entry = {"status": status, "bytes": len(body), "content_type": headers.get("content-type")}
+        if status == 200:
+            try:
+                with Image.open(io.BytesIO(body)) as im:
+                    entry.update(format=im.format, width=im.width, height=im.height,
+                                 frames=getattr(im, "n_frames", 1),
+                                 progressive=bool(im.info.get("progressive")))
+            except OSError as e:
+                entry["decode_error"] = str(e)
+        result[src] = entry
+    return result
+
+
+def ceiling(image: Path, threads: int, seconds: int) -> dict:
+    """The raw Pillow ceiling, run with the project's own venv (the Pillow imgproxy uses)."""
+    python = ROOT / ".venv" / "bin" / "python"
+    argv = [str(python), str(BENCH / "pillow_ceiling.py"), str(image), "--threads", str(threads),
+            "--seconds", str(seconds), "--json"]
+    before = load()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    result = json.loads(proc.stdout)
+    result["load_before"] = before
+    result["command"] = " ".join(argv)
+    return result

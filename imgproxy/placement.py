@@ -120,11 +120,14 @@ class Placement:
 
     def scores(self, source_key: str) -> Sequence[int]:
         """Every worker's score for the key, in the order of ``workers``."""
+        return self._scores(key_hash(source_key))
+
+    def _scores(self, key: int) -> Sequence[int]:
         count = len(self.workers)
         if count == 0:
             return ()
         low = self._low
-        x = self._lanes ^ (key_hash(source_key) * self._replicate)
+        x = self._lanes ^ (key * self._replicate)
         x = (((x ^ (x >> 30)) & low) * _MIX1) & low
         x = (((x ^ (x >> 27)) & low) * _MIX2) & low
         x = (x ^ (x >> 31)) & low
@@ -136,11 +139,12 @@ class Placement:
         key = key_hash(source_key)
         cached = self._memo.get(key)
         if cached is None:
-            scores = self.scores(source_key)
+            scores = self._scores(key)
             # A stable sort over name-sorted workers: equal scores (equal seeds,
             # never in practice) still order the same on every gateway.
             ranked = sorted(self._order, key=scores.__getitem__, reverse=True)
-            cached = tuple(self.workers[i] for i in ranked)
+            workers = self.workers
+            cached = tuple([workers[i] for i in ranked])
             if len(self._memo) >= self._memo_size:
                 self._memo.clear()
             if self._memo_size > 0:
@@ -149,13 +153,14 @@ class Placement:
 
     def owner(self, source_key: str) -> WorkerRef | None:
         """The worker that owns the key, or ``None`` when there are no workers."""
-        cached = self._memo.get(key_hash(source_key))
+        key = key_hash(source_key)
+        cached = self._memo.get(key)
         if cached is not None:
             return cached[0]
-        scores = self.scores(source_key)
+        scores = self._scores(key)
         if not scores:
             return None
-        # list.index finds the first maximum: the same tie rule as ``preference``.
+        # index() finds the first maximum: the same tie rule as ``preference``.
         return self.workers[scores.index(max(scores))]
 
 

@@ -184,3 +184,55 @@ class AddressPolicy:
             if destination.version == network.version and destination in network:
                 return None
         return reason
+
+
+def _inet_aton_part(text: str) -> int | None:
+    # C's inet_aton: 0x-prefixed hex, 0-prefixed octal, else decimal. The
+    # character checks keep out what int() would also take ("_", "+", spaces).
+    if text[:2].lower() == "0x":
+        digits = text[2:]
+        if digits and all(c in "0123456789abcdefABCDEF" for c in digits):
+            return int(digits, 16)
+        return None
+    if not all(c in "0123456789" for c in text):
+        return None
+    if len(text) > 1 and text[0] == "0":
+        return int(text, 8) if all(c in "01234567" for c in text) else None
+    return int(text)
+
+
+def _numeric_ipv4(host: str) -> IPv4Address | None:
+    """``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``127.1``: what inet_aton accepts."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(parts) or not all(p.isascii() for p in parts):
+        return None
+    values = [_inet_aton_part(p) for p in parts]
+    if any(v is None for v in values):
+        return None
+    numbers = [v for v in values if v is not None]
+    # Every part but the last is one byte; the last fills the bytes left.
+    last_bits = 8 * (5 - len(numbers))
+    if any(n > 0xFF for n in numbers[:-1]) or numbers[-1] >= 1 << last_bits:
+        return None
+    value = 0
+    for n in numbers[:-1]:
+        value = value << 8 | n
+    return IPv4Address(value << last_bits | numbers[-1])
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """The IP address a URL's host names literally, or ``None`` for a DNS name.
+
+    Takes ``[::1]`` and ``::1``, zone indexes, and the numeric IPv4 spellings
+    that system resolvers accept (``2130706433``, ``0177.0.0.1``, ``127.1``),
+    so that such hosts are checked as the address they stand for.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if ":" in host:
+        return None
+    return _numeric_ipv4(host)

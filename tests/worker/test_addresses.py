@@ -6,7 +6,12 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgproxy.worker.addresses import AddressPolicy, embedded_ipv4, non_public_reason
+from imgproxy.worker.addresses import (
+    AddressPolicy,
+    embedded_ipv4,
+    non_public_reason,
+    parse_ip_literal,
+)
 
 REFUSED = {
     "10.0.0.1": "private (RFC 1918)",
@@ -160,3 +165,41 @@ class AddressPolicyTests(SynchronousTestCase):
         for text in [*REFUSED, *PUBLIC]:
             with self.subTest(address=text):
                 self.assertIsNone(policy.refusal(ip_address(text)))
+
+
+class ParseIPLiteralTests(SynchronousTestCase):
+    def test_ordinary_literals(self) -> None:
+        self.assertEqual(parse_ip_literal("127.0.0.1"), ip_address("127.0.0.1"))
+        self.assertEqual(parse_ip_literal("::1"), ip_address("::1"))
+        self.assertEqual(parse_ip_literal("[::1]"), ip_address("::1"))
+        self.assertEqual(parse_ip_literal("[::ffff:127.0.0.1]"), ip_address("::ffff:7f00:1"))
+        self.assertEqual(parse_ip_literal("fe80::1%eth0"), ip_address("fe80::1%eth0"))
+
+    def test_numeric_spellings_that_resolvers_accept(self) -> None:
+        # What C's inet_aton (and so getaddrinfo) makes of them.
+        for text in ("2130706433", "0177.0.0.1", "0x7f.1", "0x7F000001", "127.1", "127.0.1"):
+            with self.subTest(host=text):
+                self.assertEqual(parse_ip_literal(text), ip_address("127.0.0.1"))
+        self.assertEqual(parse_ip_literal("0"), ip_address("0.0.0.0"))
+        self.assertEqual(parse_ip_literal("10.1"), ip_address("10.0.0.1"))
+
+    def test_names_and_malformed_numbers_are_not_literals(self) -> None:
+        for text in (
+            "example.com",
+            "1e100.net",
+            "deadbeef",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.16777216",
+            "08.1.1.1",
+            "0x",
+            "0x7_f.1",
+            "+1",
+            "1_0.0.0.1",
+            "1.2.3.",
+            "",
+            "[example.com]",
+            "::ffff:127.0.0.1.evil",
+        ):
+            with self.subTest(host=text):
+                self.assertIsNone(parse_ip_literal(text))

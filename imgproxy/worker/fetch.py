@@ -1,0 +1,500 @@
+"""Download a source image from its origin, safely.
+
+The SSRF guard lives in the connection step: ``_CheckedEndpointFactory`` resolves
+the host once, refuses it unless every address passes the ``AddressPolicy``,
+and connects to the checked IP itself, so a second lookup (DNS rebinding) can
+never pick another address. Redirects are followed here, hop by hop, so every
+hop goes through the same check. Bodies are counted while they stream and the
+connection is dropped as soon as they pass the byte limit; one timer bounds the
+whole fetch, connect included.
+
+Every failure leaves as ``ProxyError``: 403 for a refused address, 404 when the
+origin says so, 413 for too many bytes, 504 for too slow, 502 for the rest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
+
+import attrs
+from twisted.internet.address import IPv4Address as TwistedIPv4Address
+from twisted.internet.address import IPv6Address as TwistedIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IProtocolFactory,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+from imgproxy.errors import ProxyError
+from imgproxy.params import check_source_url
+from imgproxy.worker.addresses import AddressPolicy, IPAddress, parse_ip_literal
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+OK_STATUSES = frozenset({200, 203})
+NOT_FOUND_STATUSES = frozenset({404, 410})
+
+
+@attrs.frozen
+class FetchLimits:
+    """How much a single source download may cost."""
+
+    max_bytes: int = 32 << 20
+    timeout: float = 10.0  # total, connect included
+    max_redirects: int = 5
+
+
+@attrs.frozen
+class FetchedSource:
+    """A downloaded source: its final URL (after redirects), bytes and declared type."""
+
+    url: str
+    body: bytes
+    content_type: str | None  # the origin's header, informational only
+
+
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def request_url(url: str) -> bytes:
+    """The URL as it goes on the wire: ASCII, its host the one ``urlsplit`` read.
+
+    User info and fragment are dropped (Twisted's Agent would take user info
+    for part of the host), an IPv6 host is written compressed, a non-ASCII host
+    in IDNA and a non-ASCII path or query percent-encoded as UTF-8, so the
+    client connects to the very host that ``check_source_url`` looked at.
+    Raises ``ProxyError(502)`` for a host that cannot be encoded.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = parse_ip_literal(host) if ":" in host else None
+    if literal is not None:
+        ascii_host = f"[{literal.compressed}]"
+    else:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ProxyError(502, f"the host name {host!r} cannot be encoded") from None
+    netloc = ascii_host if parts.port is None else f"{ascii_host}:{parts.port}"
+    path = quote(parts.path or "/", safe=_PATH_SAFE)
+    query = quote(parts.query, safe=_QUERY_SAFE)
+    return urlunsplit((parts.scheme.lower(), netloc, path, query, "")).encode("ascii")
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"the source is larger than the limit of {limit} bytes")
+
+
+@implementer(IResolutionReceiver)
+class _AddressCollector:
+    """Gathers one resolution's IP addresses into a Deferred."""
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+        self._addresses: list[IPAddress] = []
+        self.deferred: Deferred[list[IPAddress]] = Deferred()
+
+    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: object) -> None:
+        if isinstance(address, TwistedIPv4Address | TwistedIPv6Address):
+            try:
+                self._addresses.append(ipaddress.ip_address(address.host))
+            except ValueError:
+                pass
+
+    def resolutionComplete(self) -> None:
+        if self.deferred.called:  # cancelled by the fetch's timer meanwhile
+            return
+        if not self._addresses:
+            self.deferred.errback(
+                ProxyError(502, f"the origin's host name {self._host!r} does not resolve")
+            )
+        else:
+            self.deferred.callback(self._addresses)
+
+
+@implementer(IStreamClientEndpoint)
+class _CheckedEndpoint:
+    """Resolve once, check every address, connect to a checked IP literal."""
+
+    _log = Logger()
+
+    def __init__(self, factory: _CheckedEndpointFactory, host: str, port: int, tls: bool) -> None:
+        self._factory = factory
+        self._host = host
+        self._port = port
+        self._tls = tls
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._connect(protocolFactory))
+
+    def _resolve(self) -> Deferred[list[IPAddress]]:
+        literal = parse_ip_literal(self._host)
+        if literal is not None:
+            return succeed([literal])
+        collector = _AddressCollector(self._host)
+        self._factory.resolver.resolveHostName(
+            collector,
+            self._host,
+            self._port,
+            addressTypes=[TwistedIPv4Address, TwistedIPv6Address],
+            transportSemantics="TCP",
+        )
+        return collector.deferred
+
+    async def _connect(self, protocolFactory: IProtocolFactory) -> Any:
+        is_literal = parse_ip_literal(self._host) is not None
+        addresses = await self._resolve()
+        for ip in addresses:
+            reason = self._factory.policy.refusal(ip)
+            if reason is not None:
+                self._log.info(
+                    "refused the origin {host} at {address}: {reason}",
+                    host=self._host,
+                    address=str(ip),
+                    reason=reason,
+                )
+                # For a DNS name, the address itself is not told: it would let
+                # a client map the internal network through our resolver.
+                shown = f"{ip}" if is_literal else f"of {self._host}"
+                raise ProxyError(403, f"the source address {shown} is not allowed: {reason}")
+        last: BaseException | None = None
+        for ip in addresses:
+            try:
+                return await self._endpoint_for(ip).connect(protocolFactory)
+            except (ConnectError, OSError) as e:
+                last = e  # try the next address of the name
+        assert last is not None
+        raise last
+
+    def _endpoint_for(self, ip: IPAddress) -> IStreamClientEndpoint:
+        reactor = self._factory.reactor
+        timeout = self._factory.connect_timeout
+        endpoint: IStreamClientEndpoint
+        if ip.version == 4:
+            endpoint = TCP4ClientEndpoint(reactor, str(ip), self._port, timeout=timeout)
+        else:
+            endpoint = TCP6ClientEndpoint(reactor, str(ip), self._port, timeout=timeout)
+        if self._tls:
+            # The name, not the IP, goes into SNI and the certificate check.
+            options = optionsForClientTLS(self._host, trustRoot=self._factory.trust_root)
+            endpoint = wrapClientTLS(options, endpoint)
+        return endpoint
+
+
+@implementer(IAgentEndpointFactory)
+class _CheckedEndpointFactory:
+    """The Agent's endpoints: every connection goes through the address policy.
+
+    The Agent keys its connection pool by (scheme, host, port) of the URL, so a
+    pooled connection is only ever reused for the very host (name or literal)
+    whose addresses were checked when it was opened.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: IHostnameResolver,
+        policy: AddressPolicy,
+        connect_timeout: float,
+        trust_root: IOpenSSLTrustRoot | None,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.policy = policy
+        self.connect_timeout = connect_timeout
+        self.trust_root = trust_root
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        return _CheckedEndpoint(self, host, uri.port, tls=uri.scheme == b"https")
+
+
+class _LimitedBody(Protocol):
+    """Collect a response body, dropping the connection once it passes ``limit``.
+
+    Never holds more than ``limit`` bytes: the chunk that goes over is discarded.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+
+    def _stop(self) -> None:
+        self._done = True
+        self._chunks = []
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        if not self._done:
+            self._stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._stop()
+            self.finished.errback(_too_large(self._limit))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:  # noqa: B008
+        if self._done:
+            return
+        self._done = True
+        # PotentialDataLoss is how a body without a length ends: by closing.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self._chunks))
+        else:
+            self.finished.errback(reason)
+        self._chunks = []
+
+
+class _DropBody(Protocol):
+    """Refuse a body we do not want: close the connection instead of reading it."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
+def _drop_body(response: IResponse) -> None:
+    response.deliverBody(_DropBody())
+
+
+def _underlying_reasons(error: BaseException) -> list[BaseException]:
+    """The low-level causes inside Twisted's wrapper exceptions, or the error itself."""
+    reasons: Sequence[Failure] | None = getattr(error, "reasons", None)
+    if not reasons:
+        return [error]
+    return [reason.value for reason in reasons]
+
+
+def _is_tls_error(error: BaseException) -> bool:
+    module = type(error).__module__
+    return module.startswith(("OpenSSL", "ssl", "service_identity"))
+
+
+def _tls_reason(error: BaseException) -> str:
+    # pyOpenSSL's errors carry [(library, function, reason), ...]; the last
+    # reason is the one a person can act on ("certificate verify failed").
+    if type(error).__module__.startswith("service_identity"):
+        return "its certificate is not valid for the host name"
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return str(details[-1][-1])
+    return str(error) or type(error).__name__
+
+
+def _describe_failure(error: BaseException) -> ProxyError | None:
+    """A ProxyError for a known network failure, or None for an unexpected one."""
+    if isinstance(error, ProxyError):
+        return error
+    for cause in _underlying_reasons(error):
+        if isinstance(cause, ProxyError):
+            return cause
+        if _is_tls_error(cause):
+            return ProxyError(502, f"the TLS connection to the origin failed: {_tls_reason(cause)}")
+        if isinstance(cause, ConnectionRefusedError):
+            return ProxyError(502, "the origin refused the connection")
+        if isinstance(cause, TimeoutError):
+            return ProxyError(504, "the origin did not accept the connection in time")
+        if isinstance(cause, ConnectError | OSError):
+            return ProxyError(502, f"could not connect to the origin: {cause}")
+        if isinstance(cause, ConnectionLost | ConnectionDone):
+            return ProxyError(502, "the origin closed the connection before answering in full")
+    if type(error).__name__ in ("ResponseNeverReceived", "ResponseFailed"):
+        return ProxyError(502, "the origin sent a broken response")
+    return None
+
+
+class SourceFetcher:
+    """Downloads source images over HTTP(S), within the address policy and limits.
+
+    Owns a persistent connection pool; ``close`` it when the service stops.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        policy: AddressPolicy,
+        limits: FetchLimits,
+        resolver: IHostnameResolver | None = None,
+        user_agent: str = "imgproxy/0.1",
+        *,
+        tls_trust_root: IOpenSSLTrustRoot | None = None,
+    ) -> None:
+        """``resolver`` defaults to ``reactor.nameResolver``; ``tls_trust_root`` to the
+        platform's trust store (tests pass their own certificate authority)."""
+        self._reactor = reactor
+        self._limits = limits
+        self._user_agent = user_agent
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        endpoints = _CheckedEndpointFactory(
+            reactor,
+            resolver if resolver is not None else reactor.nameResolver,
+            policy,
+            connect_timeout=limits.timeout,
+            trust_root=tls_trust_root,
+        )
+        # The bare Agent, not treq: treq's URL handling (hyperlink) rejects every
+        # IPv6 literal host, and its gzip decoding, cookie jar and redirect
+        # following are all things a proxy fetching for strangers must not do.
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+
+    def close(self) -> Deferred[None]:
+        """Close the pooled connections to origins."""
+        return self._pool.closeCachedConnections()
+
+    def fetch(self, url: str) -> Deferred[FetchedSource]:
+        """Download ``url``, following up to ``max_redirects`` redirects.
+
+        Fails only with ``ProxyError``, except that cancelling the returned
+        Deferred yourself fails it with ``CancelledError`` as usual.
+        """
+        timed_out = False
+        d = Deferred.fromCoroutine(self._fetch(url))
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
+
+        timer = self._reactor.callLater(self._limits.timeout, expire)
+
+        def finish(result: FetchedSource | Failure) -> FetchedSource | Failure:
+            if timer.active():
+                timer.cancel()
+            if not isinstance(result, Failure):
+                return result
+            if timed_out:
+                # Whatever the cancellation broke on its way out, the cause is the timer.
+                return Failure(
+                    ProxyError(504, f"the origin did not answer within {self._limits.timeout:g}s")
+                )
+            if result.check(ProxyError, CancelledError):
+                return result
+            if result.check(ConnectingCancelledError):
+                # The caller cancelled while we were connecting: say so plainly.
+                return Failure(CancelledError())
+            known = _describe_failure(result.value)
+            if known is not None:
+                return Failure(known)
+            self._log.failure("unexpected failure fetching {url}", result, url=url)
+            return Failure(ProxyError(502, "fetching the source failed"))
+
+        return d.addBoth(finish)
+
+    async def _fetch(self, url: str) -> FetchedSource:
+        current = urldefrag(check_source_url(url)).url
+        try:
+            seen = {request_url(current)}
+        except ProxyError as e:
+            raise ProxyError(400, f"parameter 'url': {e.reason}") from None
+        hops = 0
+        while True:
+            response = await self._get(current)
+            code = response.code
+            if code in OK_STATUSES:
+                body = await self._read_body(response)
+                types = response.headers.getRawHeaders(b"content-type")
+                content_type = types[-1].decode("latin-1") if types else None
+                return FetchedSource(url=current, body=body, content_type=content_type)
+            _drop_body(response)
+            if code in NOT_FOUND_STATUSES:
+                raise ProxyError(404, f"the origin answered {code}")
+            if code not in REDIRECT_STATUSES:
+                raise ProxyError(502, f"the origin answered {code}")
+            current = self._next_hop(current, code, response.headers)
+            hops += 1
+            if hops > self._limits.max_redirects:
+                raise ProxyError(
+                    502, f"too many redirects (more than {self._limits.max_redirects})"
+                )
+            if request_url(current) in seen:
+                raise ProxyError(502, "the origin redirects in a loop")
+            seen.add(request_url(current))
+
+    def _next_hop(self, current: str, code: int, headers: Headers) -> str:
+        locations = headers.getRawHeaders(b"location")
+        if not locations:
+            raise ProxyError(502, f"the origin answered {code} without a Location")
+        try:
+            location = locations[-1].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ProxyError(502, "the origin redirected to a Location that is not UTF-8") from None
+        try:
+            target = check_source_url(urljoin(current, location))
+        except ProxyError as e:
+            reason = e.reason.replace("parameter 'url'", "the redirect's Location")
+            raise ProxyError(502, f"the origin redirected badly: {reason}") from None
+        except ValueError as e:
+            raise ProxyError(502, f"the origin redirected badly: {e}") from None
+        return urldefrag(target).url
+
+    async def _get(self, url: str) -> IResponse:
+        headers = Headers(
+            {
+                b"user-agent": [self._user_agent.encode("latin-1", "replace")],
+                b"accept": [b"image/*,*/*;q=0.8"],
+                # A compressed body could inflate past the byte limit within one read.
+                b"accept-encoding": [b"identity"],
+            }
+        )
+        wire_url = request_url(url)
+        try:
+            request = self._agent.request(b"GET", wire_url, headers)
+        except ValueError as e:
+            # The Agent's own URL checks, stricter than urlsplit's.
+            raise ProxyError(502, f"the URL cannot be requested: {e}") from None
+        return await request
+
+    async def _read_body(self, response: IResponse) -> bytes:
+        limit = self._limits.max_bytes
+        if response.length is not UNKNOWN_LENGTH and response.length > limit:
+            _drop_body(response)
+            raise _too_large(limit)
+        body = _LimitedBody(limit)
+        response.deliverBody(body)
+        return await body.finished

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-
 ORDER = ["imgproxy", "imgproxy-cluster", "thumbor", "nginx"]
 COLOURS = {"imgproxy": "#1f77b4", "imgproxy-cluster": "#17becf", "thumbor": "#d62728",
            "nginx": "#2ca02c", "Pillow ceiling": "#7f7f7f"}
@@ -247,6 +242,11 @@ def check_targets(data: dict) -> list[str]:
 
 def plots(data: dict, out: Path) -> None:
     """hits.png, fresh.png, latency-hits.png, latency-fresh.png, memory.png."""
+    # imported here so that the tables can be built (and tested) without matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     names = _targets(data)
 
     # throughput: hits

@@ -42,12 +42,14 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
     HTTPConnectionPool,
     ResponseDone,
+    ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -64,6 +66,9 @@ if TYPE_CHECKING:
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 OK_STATUSES = frozenset({200, 203})
 NOT_FOUND_STATUSES = frozenset({404, 410})
+# What an answer may add to the body limit before the connection is dropped:
+# room for headers and chunk framing, which Twisted's parser holds in memory.
+RESPONSE_OVERHEAD = 1 << 20
 
 
 @attrs.frozen
@@ -147,6 +152,47 @@ class _AddressCollector:
             self.deferred.callback(self._addresses)
 
 
+class _CappedConnection(ProtocolWrapper):
+    """Abort a connection that sends more than ``cap`` bytes in answer to one request.
+
+    The body has its own exact limit (``_LimitedBody``); this bounds what comes
+    before it, which Twisted's parser would otherwise collect without end (an
+    origin sending headers for ever). Each request written starts a new count.
+    """
+
+    def __init__(self, factory: WrappingFactory, wrapped: Any, cap: int) -> None:
+        super().__init__(factory, wrapped)
+        self._cap = cap
+        self._received = 0
+
+    def write(self, data: bytes) -> None:
+        self._received = 0
+        super().write(data)
+
+    def writeSequence(self, data: Sequence[bytes]) -> None:
+        self._received = 0
+        super().writeSequence(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self._cap:
+            assert self.transport is not None
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+
+class _CappedFactory(WrappingFactory):
+    protocol = _CappedConnection
+
+    def __init__(self, wrapped: IProtocolFactory, cap: int) -> None:
+        super().__init__(wrapped)
+        self._cap = cap
+
+    def buildProtocol(self, addr: Any) -> _CappedConnection:
+        return _CappedConnection(self, self.wrappedFactory.buildProtocol(addr), self._cap)
+
+
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
     """Resolve once, check every address, connect to a checked IP literal."""
@@ -158,14 +204,14 @@ class _CheckedEndpoint:
         self._host = host
         self._port = port
         self._tls = tls
+        self._literal = parse_ip_literal(host)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._connect(protocolFactory))
 
     def _resolve(self) -> Deferred[list[IPAddress]]:
-        literal = parse_ip_literal(self._host)
-        if literal is not None:
-            return succeed([literal])
+        if self._literal is not None:
+            return succeed([self._literal])
         collector = _AddressCollector(self._host)
         self._factory.resolver.resolveHostName(
             collector,
@@ -177,7 +223,6 @@ class _CheckedEndpoint:
         return collector.deferred
 
     async def _connect(self, protocolFactory: IProtocolFactory) -> Any:
-        is_literal = parse_ip_literal(self._host) is not None
         addresses = await self._resolve()
         for ip in addresses:
             reason = self._factory.policy.refusal(ip)
@@ -190,14 +235,18 @@ class _CheckedEndpoint:
                 )
                 # For a DNS name, the address itself is not told: it would let
                 # a client map the internal network through our resolver.
-                shown = f"{ip}" if is_literal else f"of {self._host}"
+                shown = f"{ip}" if self._literal is not None else f"of {self._host}"
                 raise ProxyError(403, f"the source address {shown} is not allowed: {reason}")
+        capped = _CappedFactory(protocolFactory, self._factory.max_response_bytes)
         last: BaseException | None = None
         for ip in addresses:
             try:
-                return await self._endpoint_for(ip).connect(protocolFactory)
+                wrapper = await self._endpoint_for(ip).connect(capped)
             except (ConnectError, OSError) as e:
                 last = e  # try the next address of the name
+                continue
+            # The pool wants the HTTP protocol itself; the cap stays underneath.
+            return wrapper.wrappedProtocol
         assert last is not None
         raise last
 
@@ -231,12 +280,14 @@ class _CheckedEndpointFactory:
         resolver: IHostnameResolver,
         policy: AddressPolicy,
         connect_timeout: float,
+        max_response_bytes: int,
         trust_root: IOpenSSLTrustRoot | None,
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.policy = policy
         self.connect_timeout = connect_timeout
+        self.max_response_bytes = max_response_bytes
         self.trust_root = trust_root
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -342,7 +393,7 @@ def _describe_failure(error: BaseException) -> ProxyError | None:
             return ProxyError(502, f"could not connect to the origin: {cause}")
         if isinstance(cause, ConnectionLost | ConnectionDone):
             return ProxyError(502, "the origin closed the connection before answering in full")
-    if type(error).__name__ in ("ResponseNeverReceived", "ResponseFailed"):
+    if isinstance(error, ResponseFailed):
         return ProxyError(502, "the origin sent a broken response")
     return None
 
@@ -376,6 +427,7 @@ class SourceFetcher:
             resolver if resolver is not None else reactor.nameResolver,
             policy,
             connect_timeout=limits.timeout,
+            max_response_bytes=limits.max_bytes + RESPONSE_OVERHEAD,
             trust_root=tls_trust_root,
         )
         # The bare Agent, not treq: treq's URL handling (hyperlink) rejects every

@@ -390,6 +390,20 @@ class ByteLimitTests(LiveFetchTestCase):
                 error = await self.fetch_error(fetcher, self.origin.url(path))
                 self.assertEqual(error.status, 413)
 
+    async def test_endless_headers_are_cut_off(self) -> None:
+        # ~2.3 MB of headers before a tiny body: past the body limit plus the
+        # allowance for headers, so the connection is dropped, not parsed.
+        junk = {f"X-Junk-{i}": "y" * 100 for i in range(20_000)}
+        self.origin.add("/headers", PNG, headers=junk)
+        error = await self.fetch_error(self.limited(), self.origin.url("/headers"))
+        self.assertEqual(error.status, 502)
+
+    async def test_headers_within_the_allowance_are_fine(self) -> None:
+        junk = {f"X-Junk-{i}": "y" * 100 for i in range(1_000)}
+        self.origin.add("/headers", PNG, headers=junk)
+        result = await self.limited().fetch(self.origin.url("/headers"))
+        self.assertEqual(result.body, PNG)
+
 
 class TLSTests(LiveFetchTestCase):
     async def _tls_origin(self) -> tuple[Origin, Any]:

@@ -434,24 +434,8 @@ def transform_image(data: bytes, spec: TransformSpec, limits: TransformLimits) -
         raise ProxyError(400, f"output format {out_format!r} is not supported")
     with _mapped_errors():
         image, info = _open(data, fmt, limits)
-        orientation = _orientation(image)
-        width, height = info.width, info.height
-        if orientation in _SWAPS_AXES:
-            width, height = height, width
-        geometry = output_geometry(width, height, spec.width, spec.height, spec.fit)
-        # Geometry in the stored orientation: the pixels are resized before
-        # they are turned upright, which is cheaper on the smaller image.
-        stored = geometry.swapped() if orientation in _SWAPS_AXES else geometry
-        icc_profile = image.info.get("icc_profile") or None
-        if info.frames > 1 and out_format in ANIMATED_OUTPUTS:
-            _check_frames(geometry.width, geometry.height, info.frames, limits)
-            frames, durations = _render_animation(image, stored, orientation)
-            loop = image.info.get("loop")
-        else:
-            keep_palette = image.mode == "P" and out_format in ("png", "gif")
-            frames = [_render_still(image, fmt, stored, orientation, keep_palette)]
-            durations, loop = [], None
-        body = _encode(frames, durations, loop, out_format, spec.quality, icc_profile)
+        with image:
+            geometry, body = _transform(image, info, spec, out_format, limits)
     return TransformedImage(
         body=body,
         output_format=out_format,
@@ -459,6 +443,52 @@ def transform_image(data: bytes, spec: TransformSpec, limits: TransformLimits) -
         width=geometry.width,
         height=geometry.height,
     )
+
+
+def _transform(
+    image: Image.Image,
+    info: SourceInfo,
+    spec: TransformSpec,
+    out_format: str,
+    limits: TransformLimits,
+) -> tuple[Geometry, bytes]:
+    orientation = _orientation(image)
+    width, height = info.width, info.height
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    geometry = output_geometry(width, height, spec.width, spec.height, spec.fit)
+    _check_output(geometry, info.frames if out_format in ANIMATED_OUTPUTS else 1, limits)
+    # Geometry in the stored orientation: the pixels are resized before they
+    # are turned upright, which is cheaper on the smaller image.
+    stored = geometry.swapped() if orientation in _SWAPS_AXES else geometry
+    icc_profile = image.info.get("icc_profile") or None
+    if info.frames > 1 and out_format in ANIMATED_OUTPUTS:
+        frames, durations = _render_animation(image, stored, orientation)
+        loop = image.info.get("loop")
+    else:
+        keep_palette = image.mode == "P" and out_format in ("png", "gif")
+        frames = [_render_still(image, info.format, stored, orientation, keep_palette)]
+        durations, loop = [], None
+    return geometry, _encode(frames, durations, loop, out_format, spec.quality, icc_profile)
+
+
+def _check_output(geometry: Geometry, frames: int, limits: TransformLimits) -> None:
+    # cover and fill may upscale: the output is held to the source's limits
+    # too (a 1x1 source to 8192x8192 would cost 67 Mpx and seconds of AVIF).
+    pixels = geometry.width * geometry.height
+    if pixels > limits.max_pixels:
+        raise ProxyError(
+            400,
+            f"the requested output {geometry.width}x{geometry.height} is more than "
+            f"the limit of {limits.max_pixels} pixels",
+        )
+    budget = FRAME_PIXEL_BUDGET * limits.max_pixels
+    if frames * pixels > budget:
+        raise ProxyError(
+            400,
+            f"the requested output, {frames} frames of {geometry.width}x{geometry.height}, "
+            f"is more than the limit of {budget} pixels in all",
+        )
 
 
 def _orientation(image: Image.Image) -> int:

@@ -1,0 +1,95 @@
+"""What a node knows of the cluster's workers: the placement now and just before.
+
+Pure bookkeeping, fed by membership events. Gateways route with ``current``;
+a worker that newly owns a key asks the key's owner under ``previous`` (a
+worker that still has it, or one that left gracefully and lingers) before the
+origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+from imgproxy.placement import Placement, WorkerRef
+
+
+class ClusterView:
+    """The alive workers as placements, plus workers that left gracefully."""
+
+    def __init__(self, me: str | None = None) -> None:
+        self.me = me
+        self.current = Placement(())
+        self.previous = Placement(())
+        self._departed: dict[str, WorkerRef] = {}
+        self._listeners: list[Callable[[ClusterView], None]] = []
+
+    def on_change(self, listener: Callable[[ClusterView], None]) -> None:
+        self._listeners.append(listener)
+
+    def update(self, workers: Iterable[WorkerRef], departed_gracefully: Iterable[str] = ()) -> bool:
+        """Adopt the alive worker set; returns whether it changed anything."""
+        workers = tuple(sorted(set(workers), key=lambda w: w.name))
+        if workers == tuple(sorted(self.current.workers, key=lambda w: w.name)):
+            return False
+        alive = {w.name for w in workers}
+        for name in departed_gracefully:
+            old = self.current.member(name)
+            if old is not None and name not in alive:
+                self._departed[name] = old
+        for name in list(self._departed):
+            if name in alive:
+                del self._departed[name]
+        self.previous = self.current
+        self.current = Placement(workers)
+        for listener in list(self._listeners):
+            listener(self)
+        return True
+
+    def forget_departed(self, name: str) -> None:
+        """A departed worker's linger time is over: stop asking it."""
+        self._departed.pop(name, None)
+
+    def preference(self, source_key: str) -> list[WorkerRef]:
+        return self.current.preference(source_key)
+
+    def handoff_candidates(self, source_key: str) -> list[WorkerRef]:
+        """Workers other than this one that may hold the key: its owner now and before."""
+        candidates: list[WorkerRef] = []
+        owner_now = self.current.owner(source_key)
+        owner_before = self.previous.owner(source_key)
+        for worker in (owner_now, owner_before):
+            if worker is None or worker.name == self.me:
+                continue
+            if worker.name in {c.name for c in candidates}:
+                continue
+            if self.current.member(worker.name) is None and worker.name not in self._departed:
+                continue  # failed, not departed: nothing to pull from it
+            candidates.append(self.current.member(worker.name) or worker)
+        return candidates
+
+
+_SHARE_SAMPLES = 4096
+_shares_memo: dict[tuple[str, ...], dict[str, float]] = {}
+
+
+def key_shares(placement: Placement) -> dict[str, float]:
+    """The share of keys each worker owns, measured on a fixed sample of keys.
+
+    Memoised per member set: the status page asks every few seconds, the
+    answer only changes with membership.
+    """
+    names = tuple(sorted(w.name for w in placement.workers))
+    cached = _shares_memo.get(names)
+    if cached is not None:
+        return cached
+    counts = dict.fromkeys(names, 0)
+    for i in range(_SHARE_SAMPLES):
+        owner = placement.owner(hashlib.sha256(b"sample-%d" % i).hexdigest())
+        if owner is not None:
+            counts[owner.name] += 1
+    shares = {name: count / _SHARE_SAMPLES for name, count in counts.items()}
+    if len(_shares_memo) > 64:
+        _shares_memo.clear()
+    _shares_memo[names] = shares
+    return shares

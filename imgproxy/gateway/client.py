@@ -1,0 +1,183 @@
+"""The gateway's (and a worker's handoff) client for the internal worker API, over treq.
+
+One persistent connection pool for the whole node. Every request is signed
+when a cluster secret is set. A worker that refuses, resets or does not answer
+in time raises ``WorkerUnavailable`` (the caller fails over); a worker that
+answers with an error status raises ``ProxyError`` with that status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
+
+from imgproxy.auth import RequestSigner
+from imgproxy.errors import ProxyError
+from imgproxy.params import TransformSpec, source_key_of
+from imgproxy.placement import WorkerRef
+from imgproxy.worker.cache import CacheEntry, source_cache_key
+from imgproxy.worker.internal import CREATED_HEADER
+
+# Statuses a worker answers for its own reasons; they reach the client as they are.
+PASSED_THROUGH = frozenset({400, 403, 404, 413, 415, 502, 504})
+
+
+class WorkerUnavailable(Exception):
+    """The worker could not be reached or did not answer: try the next one."""
+
+    def __init__(self, worker: WorkerRef, why: str) -> None:
+        super().__init__(f"{worker.name} ({worker.host}:{worker.port}): {why}")
+        self.worker = worker
+        self.why = why
+
+
+class WorkerBusy(WorkerUnavailable):
+    """The worker answered 503: alive, but try another one for this request."""
+
+
+class WorkerClient:
+    """Calls the internal API of workers."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        signer: RequestSigner | None,
+        lookup_timeout: float = 2.0,
+        produce_timeout: float = 60.0,
+        connections_per_worker: int = 32,
+        http: Any = None,
+    ) -> None:
+        """``http``: a treq-like client to use instead of the pooled one (tests)."""
+        self._reactor = reactor
+        self._signer = signer
+        self.lookup_timeout = lookup_timeout
+        self.produce_timeout = produce_timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = connections_per_worker
+        self.pool.retryAutomatically = False
+        self._http = http or HTTPClient(
+            Agent(reactor, pool=self.pool, connectTimeout=lookup_timeout)
+        )
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+    def _headers(self, method: bytes, path: bytes, query: bytes, body: bytes) -> Headers:
+        headers = Headers({b"user-agent": [b"imgproxy-gateway"]})
+        if body:
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        if self._signer is not None:
+            signed = self._signer.sign(method, path, query, body, self._reactor.seconds())
+            for name, value in signed.items():
+                headers.setRawHeaders(name, [value])
+        return headers
+
+    @inlineCallbacks
+    def _request(
+        self,
+        worker: WorkerRef,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        body: bytes,
+        timeout: float,
+    ):  # type: ignore[no-untyped-def]
+        url = f"http://{worker.host}:{worker.port}".encode("ascii") + path
+        if query:
+            url += b"?" + query
+        headers = self._headers(method, path, query, body)
+        d = self._http.request(method.decode("ascii"), url, headers=headers, data=body or None)
+        d.addTimeout(timeout, self._reactor)
+        try:
+            response = yield d
+            content = yield treq.content(response)
+        except (CancelledError, TimeoutError):
+            raise WorkerUnavailable(worker, f"no answer within {timeout:g}s") from None
+        except (ConnectError, ConnectionLost, ResponseFailed, OSError) as error:
+            raise WorkerUnavailable(worker, type(error).__name__) from None
+        return response, content
+
+    @staticmethod
+    def _entry(key: str, url: str, response: Any, content: bytes) -> CacheEntry:
+        headers = response.headers
+        created = headers.getRawHeaders(CREATED_HEADER, [b"0"])[0]
+        return CacheEntry(
+            key=key,
+            body=content,
+            content_type=headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[
+                0
+            ].decode("ascii", "replace"),
+            created=float(created),
+            etag=headers.getRawHeaders(b"etag", [b'""'])[0].decode("ascii", "replace"),
+            source_url=url,
+        )
+
+    @staticmethod
+    def _error(worker: WorkerRef, response: Any, content: bytes) -> Exception:
+        if response.code == 503:
+            return WorkerBusy(worker, "busy")
+        try:
+            reason = str(json.loads(content)["error"])
+        except (ValueError, KeyError, TypeError):
+            reason = f"the worker answered {response.code}"
+        if response.code in PASSED_THROUGH:
+            return ProxyError(response.code, reason)
+        return WorkerUnavailable(worker, f"answered {response.code}: {reason}")
+
+    @inlineCallbacks
+    def lookup(self, worker: WorkerRef, spec: TransformSpec, stale_ok: bool = False):  # type: ignore[no-untyped-def]
+        """``GET /v1/image``: the cached variant, or None."""
+        pairs = spec.to_query() + ([("stale", "1")] if stale_ok else [])
+        query = urlencode(pairs).encode("ascii")
+        response, content = yield self._request(
+            worker, b"GET", b"/v1/image", query, b"", self.lookup_timeout
+        )
+        if response.code == 200:
+            return self._entry(spec.cache_key, spec.url, response, content)
+        if response.code == 404:
+            return None
+        raise self._error(worker, response, content)
+
+    @inlineCallbacks
+    def lookup_source(self, worker: WorkerRef, url: str):  # type: ignore[no-untyped-def]
+        """``GET /v1/source``: the cached original bytes (stale or not), or None."""
+        query = urlencode([("url", url)]).encode("ascii")
+        response, content = yield self._request(
+            worker, b"GET", b"/v1/source", query, b"", self.lookup_timeout
+        )
+        if response.code == 200:
+            return self._entry(source_cache_key(source_key_of(url)), url, response, content)
+        if response.code == 404:
+            return None
+        raise self._error(worker, response, content)
+
+    @inlineCallbacks
+    def produce(self, worker: WorkerRef, spec: TransformSpec):  # type: ignore[no-untyped-def]
+        """``POST /v1/cache``: (the variant, whether the worker had it cached)."""
+        body = json.dumps(spec.to_json(), sort_keys=True).encode("utf-8")
+        response, content = yield self._request(
+            worker, b"POST", b"/v1/cache", b"", body, self.produce_timeout
+        )
+        if response.code == 200:
+            hit = response.headers.getRawHeaders(b"x-cache", [b"MISS"])[0] == b"HIT"
+            return self._entry(spec.cache_key, spec.url, response, content), hit
+        raise self._error(worker, response, content)
+
+    @inlineCallbacks
+    def purge(self, worker: WorkerRef, url: str):  # type: ignore[no-untyped-def]
+        """``DELETE /v1/cache?url=``."""
+        query = urlencode([("url", url)]).encode("ascii")
+        response, content = yield self._request(
+            worker, b"DELETE", b"/v1/cache", query, b"", self.lookup_timeout
+        )
+        if response.code != 204:
+            raise self._error(worker, response, content)
+        return None

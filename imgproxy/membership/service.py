@@ -1,0 +1,477 @@
+"""The Twisted shell around ``SwimNode``: UDP gossip, TCP push-pull, seeds, events.
+
+Thin by design: bytes in are decoded and handed to the pure state machine;
+what it wants sent is encoded and written. A bad or hostile datagram or
+stream is dropped and counted, and never raises out of the protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IResolutionReceiver
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imgproxy.membership.keyring import Keyring
+from imgproxy.membership.messages import AckResp, Message, NodeState, Ping, PushPull
+from imgproxy.membership.profiles import Profile
+from imgproxy.membership.state import Address, Member, MemberEvent, SwimNode
+from imgproxy.membership.tags import decode_tags, encode_tags
+from imgproxy.membership.wire import (
+    StreamDecoder,
+    WireError,
+    decode_message,
+    encode_message,
+    encode_packet,
+    encode_stream,
+    unwrap_packet,
+)
+
+PROTOCOL_VERSION = 2
+# Delegate versions as serf advertises them: serf refuses members whose
+# delegate range does not include its own protocol version.
+DELEGATE_VSN = (2, 5, 4)
+JOIN_RETRY_SECONDS = 2.0
+LEAVE_TIMEOUT = 5.0
+STATE_POLL_SECONDS = 0.25
+
+
+def state_name(member: Member) -> str:
+    return {
+        NodeState.ALIVE: "alive",
+        NodeState.SUSPECT: "suspect",
+        NodeState.DEAD: "failed",
+        NodeState.LEFT: "left",
+    }[member.state]
+
+
+class MembershipCounters:
+    """Traffic counters of the shell (the node counts protocol events itself)."""
+
+    def __init__(self) -> None:
+        self.packets_in = 0
+        self.packets_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.dropped = 0
+        self.push_pulls = 0
+        self.push_pull_failures = 0
+
+
+class GossipProtocol(DatagramProtocol):
+    """UDP: every datagram is decoded and handed to the node; failures are counted."""
+
+    _log = Logger()
+
+    def __init__(self, membership: MembershipService) -> None:
+        self._membership = membership
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        membership = self._membership
+        counters = membership.counters
+        counters.packets_in += 1
+        counters.bytes_in += len(data)
+        try:
+            parts, _ = unwrap_packet(data, keyring=membership.keyring)
+            messages = []
+            for part in parts:
+                try:
+                    messages.append(decode_message(part))
+                except WireError:
+                    counters.dropped += 1  # one bad message; memberlist skips it too
+            if messages:
+                membership.node.handle_packet(messages, (addr[0], addr[1]))
+        except WireError:
+            counters.dropped += 1
+        except Exception:
+            counters.dropped += 1
+            self._log.failure("a datagram from {addr} could not be handled", addr=addr)
+
+
+class _StreamProtocol(Protocol):
+    """One TCP connection of push-pull or a TCP ping, in either direction."""
+
+    _log = Logger()
+
+    def __init__(self, membership: MembershipService, outbound: PushPull | None) -> None:
+        self._membership = membership
+        self._outbound = outbound
+        self._decoder = StreamDecoder(membership.keyring, inbound=outbound is None)
+        self.finished: Deferred[PushPull | None] = Deferred()
+        self._done = False
+
+    def connectionMade(self) -> None:
+        timeout = self._membership.profile.tcp_timeout
+        self._timer = self._membership.reactor.callLater(timeout, self._timed_out)
+        if self._outbound is not None:
+            self.transport.write(self._encode(self._outbound))
+
+    def _encode(self, message: Message) -> bytes:
+        return encode_stream(
+            message, keyring=self._membership.keyring, protocol_version=PROTOCOL_VERSION
+        )
+
+    def _timed_out(self) -> None:
+        self._finish(None)
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except WireError as error:
+            self._membership.counters.dropped += 1
+            self._log.debug("dropping a stream from {peer}: {error}",
+                            peer=self.transport.getPeer(), error=error)
+            self._finish(None)
+            self.transport.abortConnection()
+            return
+        for message in messages:
+            self._handle(message)
+
+    def _handle(self, message: Message) -> None:
+        membership = self._membership
+        if isinstance(message, PushPull):
+            if self._outbound is None:
+                # Accepting side: answer with our state, then fold theirs in.
+                self.transport.write(self._encode(membership.node.local_state(message.join)))
+                membership.merge(message)
+                self._finish(message)
+                self.transport.loseConnection()
+            else:
+                membership.merge(message)
+                self._finish(message)
+                self.transport.loseConnection()
+        elif isinstance(message, Ping) and self._outbound is None:
+            # memberlist's TCP fallback ping: acknowledge it on the stream.
+            if message.node in ("", membership.node.name):
+                self.transport.write(self._encode(AckResp(message.seq_no)))
+            self._finish(None)
+            self.transport.loseConnection()
+        else:
+            self._finish(None)
+            self.transport.loseConnection()
+
+    def _finish(self, result: PushPull | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._timer.active():
+            self._timer.cancel()
+        self.finished.callback(result)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self._done and hasattr(self, "_timer"):
+            self._finish(None)
+
+
+class _InboundFactory(Factory):
+    noisy = False
+
+    def __init__(self, membership: MembershipService) -> None:
+        self._membership = membership
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return _StreamProtocol(self._membership, None)
+
+
+class MembershipService(Service):
+    """Runs one ``SwimNode`` on a UDP and a TCP port, and tells listeners who is alive."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        bind: str,
+        advertise: str,
+        port: int,
+        tags: dict[str, str],
+        profile: Profile,
+        keyring: Keyring | None,
+        seeds: Iterable[tuple[str, int]] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.profile = profile
+        self.keyring = keyring
+        self.bind = bind
+        self.port = port
+        self.seeds = tuple(seeds)
+        self.counters = MembershipCounters()
+        self._tags = dict(tags)
+        self._listeners: list[Callable[[MemberEvent], None]] = []
+        self._state_listeners: list[Callable[[], None]] = []
+        self._last_states: tuple[tuple[str, NodeState], ...] = ()
+        self._state_poll = LoopingCall(self._check_states)
+        self._state_poll.clock = reactor
+        advertised = ipaddress.ip_address(advertise).packed
+        self.node = SwimNode(
+            name=name,
+            addr=advertised,
+            port=port,
+            meta=encode_tags(self._tags),
+            profile=profile,
+            clock=reactor,
+            send=self._send,
+            on_event=self._on_event,
+            request_push_pull=self._request_push_pull,
+            rng=rng or random.Random(),
+            vsn=(1, 5, PROTOCOL_VERSION, *DELEGATE_VSN),
+        )
+        self._udp: Any = None
+        self._tcp: Any = None
+        self._joiner: LoopingCall | None = None
+        self.joined = False
+
+    # -- what the rest of the system uses --------------------------------------------
+
+    def on_event(self, listener: Callable[[MemberEvent], None]) -> None:
+        """Called with every join, update, leave and failure."""
+        self._listeners.append(listener)
+
+    def on_state_change(self, listener: Callable[[], None]) -> None:
+        """Called when any member's state changes, suspicion included (polled)."""
+        self._state_listeners.append(listener)
+
+    def _check_states(self) -> None:
+        snapshot = tuple(sorted((m.name, m.state) for m in self.node.members()))
+        if snapshot == self._last_states:
+            return
+        self._last_states = snapshot
+        for listener in list(self._state_listeners):
+            try:
+                listener()
+            except Exception:
+                self._log.failure("a membership state listener failed")
+
+    def members(self) -> list[Member]:
+        return self.node.members()
+
+    def tags_of(self, member: Member) -> dict[str, str]:
+        try:
+            return decode_tags(member.meta)
+        except WireError:
+            return {}
+
+    def describe_members(self) -> list[dict[str, Any]]:
+        described = []
+        for member in self.members():
+            tags = self.tags_of(member)
+            described.append({
+                "name": member.name,
+                "role": tags.get("role", ""),
+                "address": member.host,
+                "gossip_port": member.port,
+                "http_port": int(tags["http"]) if tags.get("http", "").isdigit() else None,
+                "state": state_name(member),
+                "incarnation": member.incarnation,
+            })
+        return sorted(described, key=lambda m: m["name"])
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._udp = self.reactor.listenUDP(self.port, GossipProtocol(self), interface=self.bind)
+        self._tcp = self.reactor.listenTCP(self.port, _InboundFactory(self), interface=self.bind)
+        self.node.start()
+        self._state_poll.start(STATE_POLL_SECONDS, now=False)
+        if self.seeds:
+            self._joiner = LoopingCall(self._try_join)
+            self._joiner.clock = self.reactor
+            self._joiner.start(JOIN_RETRY_SECONDS, now=True).addErrback(
+                lambda f: self._log.failure("join loop failed", f)
+            )
+
+    @inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        if self._joiner is not None and self._joiner.running:
+            self._joiner.stop()
+        if self._state_poll.running:
+            self._state_poll.stop()
+        try:
+            yield self.node.leave(LEAVE_TIMEOUT)
+        except Exception:
+            self._log.failure("leaving the cluster failed")
+        self.node.stop()
+        if self._udp is not None:
+            yield self._udp.stopListening()
+        if self._tcp is not None:
+            yield self._tcp.stopListening()
+
+    # -- joining ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _try_join(self):  # type: ignore[no-untyped-def]
+        """Exchange state with every address of every seed; stop once one answered."""
+        if self.joined:
+            self._joiner.stop()
+            return
+        addresses = yield self._resolve_seeds()
+        me = self.node.address
+        attempts = [self._push_pull(addr, join=True) for addr in addresses if addr != me]
+        if not attempts:
+            return
+        results = yield DeferredList(attempts, consumeErrors=True)
+        if any(ok and answer is not None for ok, answer in results):
+            self.joined = True
+            self._log.info("joined the cluster through {count} seed address(es)",
+                           count=sum(1 for ok, answer in results if ok and answer is not None))
+            if self._joiner is not None and self._joiner.running:
+                self._joiner.stop()
+
+    @inlineCallbacks
+    def _resolve_seeds(self):  # type: ignore[no-untyped-def]
+        addresses: list[Address] = []
+        for host, port in self.seeds:
+            try:
+                ipaddress.ip_address(host)
+                addresses.append((host, port))
+                continue
+            except ValueError:
+                pass
+            found = yield resolve_all(self.reactor, host, port)
+            addresses.extend(found)
+        return list(dict.fromkeys(addresses))
+
+    # -- the node's outputs -----------------------------------------------------------
+
+    def _send(self, addr: Address, messages: list[Message]) -> None:
+        if self._udp is None:
+            return
+        parts = []
+        for message in messages:
+            try:
+                parts.append(encode_message(message))
+            except WireError:
+                self._log.failure("could not encode {message}", message=message)
+        for packet in encode_packet(
+            parts, keyring=self.keyring, protocol_version=PROTOCOL_VERSION, crc=True,
+            budget=self.profile.udp_buffer_size,
+        ):
+            self.counters.packets_out += 1
+            self.counters.bytes_out += len(packet)
+            try:
+                self._udp.write(packet, addr)
+            except OSError as error:
+                self._log.debug("sending to {addr} failed: {error}", addr=addr, error=error)
+
+    def _request_push_pull(self, addr: Address, join: bool) -> None:
+        self._push_pull(addr, join).addErrback(lambda _: None)
+
+    def _push_pull(self, addr: Address, join: bool) -> Deferred[PushPull | None]:
+        self.counters.push_pulls += 1
+        protocol = _StreamProtocol(self, self.node.local_state(join))
+        endpoint = HostnameEndpoint(self.reactor, addr[0], addr[1],
+                                    timeout=self.profile.tcp_timeout)
+        d = endpoint.connect(_OneProtocolFactory(protocol))
+        d.addCallback(lambda _: protocol.finished)
+
+        def failed(failure: Failure) -> None:
+            self.counters.push_pull_failures += 1
+            self._log.debug("push-pull with {addr} failed: {why}", addr=addr,
+                            why=failure.getErrorMessage())
+            return None
+
+        def answered(result: PushPull | None) -> PushPull | None:
+            if result is None:
+                self.counters.push_pull_failures += 1
+            return result
+
+        return d.addCallbacks(answered, failed)
+
+    def merge(self, remote: PushPull) -> None:
+        try:
+            self.node.merge_remote_state(remote)
+        except Exception:
+            self.counters.dropped += 1
+            self._log.failure("merging a remote state failed")
+
+    def _on_event(self, event: MemberEvent) -> None:
+        self._log.info("member {name} {kind} ({host}:{port})", name=event.member.name,
+                       kind=event.kind, host=event.member.host, port=event.member.port)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                self._log.failure("a membership listener failed")
+
+
+class _OneProtocolFactory(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return self._protocol
+
+
+def watch_workers(membership: MembershipService, view: Any, router: Any = None) -> None:
+    """Keep a ``ClusterView`` (and a gateway's suspect list) in step with membership.
+
+    Alive and suspect workers stay in the placement (a suspect usually refutes,
+    and moving its keys away and back would cost two handoffs); a gateway
+    routes around suspects until they are cleared.
+    """
+    from imgproxy.placement import WorkerRef
+
+    def refresh(event: MemberEvent | None) -> None:
+        workers = []
+        suspects = set()
+        for member in membership.members():
+            if member.state not in (NodeState.ALIVE, NodeState.SUSPECT):
+                continue
+            tags = membership.tags_of(member)
+            if tags.get("role") != "worker" or not tags.get("http", "").isdigit():
+                continue
+            workers.append(WorkerRef(member.name, member.host, int(tags["http"])))
+            if member.state == NodeState.SUSPECT:
+                suspects.add(member.name)
+        departed = [event.member.name] if event is not None and event.kind == "leave" else []
+        view.update(workers, departed_gracefully=departed)
+        if router is not None:
+            router.suspected = suspects
+
+    membership.on_event(refresh)
+    membership.on_state_change(lambda: refresh(None))
+    refresh(None)
+
+
+@implementer(IResolutionReceiver)
+class _Collector:
+    """Collects every address of one host-name resolution."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.found: list[Address] = []
+        self.done: Deferred[list[Address]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        self.found.append((address.host, self.port))
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.found)
+
+
+def resolve_all(reactor: Any, host: str, port: int) -> Deferred[list[Address]]:
+    """Every IPv4 address ``host`` resolves to (a compose service name stands for all replicas)."""
+    collector = _Collector(port)
+    reactor.nameResolver.resolveHostName(collector, host, port, addressTypes=[IPv4Address])
+    return collector.done

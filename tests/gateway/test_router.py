@@ -1,0 +1,179 @@
+"""The gateway's routing: owner first, failover at once, suspects avoided, errors kept."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from imgproxy.cluster import ClusterView
+from imgproxy.errors import ProxyError
+from imgproxy.gateway.client import WorkerBusy, WorkerUnavailable
+from imgproxy.gateway.router import DOWN_RECHECK_SECONDS, ClusterBackend
+from imgproxy.metrics import NodeMetrics
+from imgproxy.params import TransformSpec
+from imgproxy.placement import BoundedLoad, WorkerRef
+from imgproxy.worker.cache import CacheEntry
+
+WORKERS = [WorkerRef(f"w{i}", f"127.0.0.{10 + i}", 8080) for i in range(3)]
+SPEC = TransformSpec("http://origin.test/a.jpg", width=10)
+
+
+def entry(worker: str) -> CacheEntry:
+    return CacheEntry(SPEC.cache_key, worker.encode(), "image/jpeg", 0.0, '"e"', SPEC.url)
+
+
+class FakeWorkers:
+    """Each worker's behaviour, set by the test: 'hit', 'miss', an exception, or a Deferred."""
+
+    def __init__(self) -> None:
+        self.behaviour: dict[str, object] = {}
+        self.asked: list[tuple[str, str]] = []
+        self.purged: list[str] = []
+
+    def _outcome(self, worker: WorkerRef, call: str):
+        self.asked.append((call, worker.name))
+        behaviour = self.behaviour.get(worker.name, "miss")
+        if isinstance(behaviour, Exception):
+            return fail(behaviour)
+        if isinstance(behaviour, Deferred):
+            return behaviour
+        return succeed(behaviour)
+
+    def lookup(self, worker: WorkerRef, spec: TransformSpec, stale_ok: bool = False):
+        return self._outcome(worker, "lookup").addCallback(
+            lambda b: entry(worker.name) if b == "hit" else None
+        )
+
+    def produce(self, worker: WorkerRef, spec: TransformSpec):
+        return self._outcome(worker, "produce").addCallback(lambda b: (entry(worker.name), False))
+
+    def purge(self, worker: WorkerRef, url: str):
+        self.purged.append(worker.name)
+        return self._outcome(worker, "purge").addCallback(lambda _: None)
+
+
+class ClusterBackendTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.view = ClusterView()
+        self.view.update(WORKERS)
+        self.workers = FakeWorkers()
+        self.backend = ClusterBackend(
+            self.view, self.workers, BoundedLoad(0.25), self.clock, NodeMetrics()
+        )
+        self.order = [w.name for w in self.view.preference(SPEC.source_key)]
+
+    def served_by(self) -> str:
+        body, _ = self.successResultOf(self.backend.serve(SPEC))
+        return body.body.decode()
+
+    def test_owner_serves_a_hit_without_produce(self) -> None:
+        self.workers.behaviour[self.order[0]] = "hit"
+        result = self.successResultOf(self.backend.serve(SPEC))
+        self.assertEqual(result[0].body.decode(), self.order[0])
+        self.assertTrue(result[1])
+        self.assertEqual(self.workers.asked, [("lookup", self.order[0])])
+
+    def test_miss_at_the_owner_is_produced_there(self) -> None:
+        self.assertEqual(self.served_by(), self.order[0])
+        self.assertEqual(self.workers.asked,
+                         [("lookup", self.order[0]), ("produce", self.order[0])])
+
+    def test_unreachable_owner_fails_over_at_once_and_is_skipped_after(self) -> None:
+        self.workers.behaviour[self.order[0]] = WorkerUnavailable(WORKERS[0], "refused")
+        self.assertEqual(self.served_by(), self.order[1])
+        self.workers.asked.clear()
+        self.assertEqual(self.served_by(), self.order[1])
+        self.assertNotIn(self.order[0], [name for _, name in self.workers.asked])
+
+    def test_a_down_worker_is_tried_again_after_the_recheck_time(self) -> None:
+        self.workers.behaviour[self.order[0]] = WorkerUnavailable(WORKERS[0], "refused")
+        self.served_by()
+        self.workers.behaviour[self.order[0]] = "hit"
+        self.clock.advance(DOWN_RECHECK_SECONDS + 0.1)
+        self.assertEqual(self.served_by(), self.order[0])
+        self.assertNotIn(self.order[0], self.backend.down)
+
+    def test_busy_owner_passes_the_request_on_without_being_marked_down(self) -> None:
+        self.workers.behaviour[self.order[0]] = WorkerBusy(WORKERS[0], "busy")
+        self.assertEqual(self.served_by(), self.order[1])
+        self.assertNotIn(self.order[0], self.backend.down)
+
+    def test_worker_errors_keep_their_status_without_failover(self) -> None:
+        for status in (404, 413, 415, 502, 504):
+            self.workers.behaviour[self.order[0]] = ProxyError(status, "origin trouble")
+            failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)
+            self.assertEqual(failure.value.status, status)
+        self.assertEqual({name for _, name in self.workers.asked}, {self.order[0]})
+
+    def test_every_worker_down_is_503(self) -> None:
+        for worker in WORKERS:
+            self.workers.behaviour[worker.name] = WorkerUnavailable(worker, "refused")
+        failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)
+        self.assertEqual(failure.value.status, 503)
+
+    def test_no_worker_at_all_is_503(self) -> None:
+        self.view.update([])
+        failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)
+        self.assertEqual((failure.value.status, failure.value.retry_after), (503, 1))
+
+    def test_suspected_owner_is_routed_around(self) -> None:
+        self.backend.suspected = {self.order[0]}
+        self.assertEqual(self.served_by(), self.order[1])
+
+    def test_only_suspects_left_are_still_tried(self) -> None:
+        self.backend.suspected = {w.name for w in WORKERS}
+        self.assertEqual(self.served_by(), self.order[0])
+
+    def test_identical_concurrent_requests_collapse_at_the_gateway(self) -> None:
+        pending: Deferred = Deferred()
+        self.workers.behaviour[self.order[0]] = pending
+        first, second = self.backend.serve(SPEC), self.backend.serve(SPEC)
+        pending.callback("hit")
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(self.workers.asked, [("lookup", self.order[0])])
+
+    def test_purge_reaches_every_worker(self) -> None:
+        self.successResultOf(self.backend.purge(SPEC.url))
+        self.assertEqual(sorted(self.workers.purged), [w.name for w in WORKERS])
+
+    def test_purge_with_no_reachable_worker_is_503(self) -> None:
+        for worker in WORKERS:
+            self.workers.behaviour[worker.name] = WorkerUnavailable(worker, "refused")
+        failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.assertEqual(failure.value.status, 503)
+
+
+class ClusterViewTests(SynchronousTestCase):
+    def test_handoff_candidates_are_the_owners_now_and_before(self) -> None:
+        view = ClusterView(me="new")
+        view.update(WORKERS)
+        key = SPEC.source_key
+        before = view.current.owner(key)
+        view.update([*WORKERS, WorkerRef("new", "127.0.0.20", 8080)])
+        candidates = view.handoff_candidates(key)
+        if view.current.owner(key).name == "new":
+            self.assertEqual([c.name for c in candidates], [before.name])
+        else:
+            self.assertEqual([c.name for c in candidates], [view.current.owner(key).name])
+
+    def test_a_failed_worker_is_not_a_candidate_but_a_departed_one_is(self) -> None:
+        key = SPEC.source_key
+        view = ClusterView(me="someone-else")
+        view.update(WORKERS)
+        owner = view.current.owner(key)
+        rest = [w for w in WORKERS if w.name != owner.name]
+        view.update(rest)
+        self.assertNotIn(owner.name, [c.name for c in view.handoff_candidates(key)])
+        view.update(WORKERS)
+        view.update(rest, departed_gracefully=[owner.name])
+        self.assertIn(owner.name, [c.name for c in view.handoff_candidates(key)])
+
+    def test_update_with_the_same_workers_changes_nothing(self) -> None:
+        view = ClusterView()
+        calls: list[object] = []
+        view.on_change(calls.append)
+        self.assertTrue(view.update(WORKERS))
+        self.assertFalse(view.update(list(reversed(WORKERS))))
+        self.assertEqual(len(calls), 1)

@@ -1,0 +1,1 @@
+"""End-to-end tests against real ``twistd -n imgproxy`` processes, and the packaging test."""

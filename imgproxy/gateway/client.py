@@ -16,13 +16,14 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from imgproxy.auth import RequestSigner
 from imgproxy.errors import ProxyError
 from imgproxy.params import TransformSpec, source_key_of
 from imgproxy.placement import WorkerRef
+from imgproxy.quietpool import QuietConnectionPool
 from imgproxy.worker.cache import CacheEntry, source_cache_key
 from imgproxy.worker.internal import CREATED_HEADER
 
@@ -60,7 +61,7 @@ class WorkerClient:
         self._signer = signer
         self.lookup_timeout = lookup_timeout
         self.produce_timeout = produce_timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = QuietConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = connections_per_worker
         self.pool.retryAutomatically = False
         self._http = http or HTTPClient(

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
@@ -40,15 +41,35 @@ from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
     IListeningPort,
+    IOpenSSLContextFactory,
     IPullProducer,
     IReactorTime,
     IResolutionReceiver,
 )
-from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
+from twisted.internet.ssl import Certificate
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
+
+
+@implementer(IOpenSSLContextFactory)
+@attrs.frozen
+class _ServerTLSContext:
+    """What ``listenSSL`` wants: a ``getContext()`` with the server's key and certificate.
+
+    Built from cryptography objects directly (``PrivateCertificate.options()``
+    goes through pyOpenSSL's deprecated X509/PKey types and warns).
+    """
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    def getContext(self) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.use_certificate(self.certificate)
+        context.use_privatekey(self.key)
+        return context
 
 
 @attrs.frozen
@@ -60,7 +81,7 @@ class TLSAuthority:
     """
 
     trust_root: Certificate
-    server_options: CertificateOptions
+    server_options: _ServerTLSContext
 
 
 def _name(common_name: str) -> x509.Name:
@@ -116,16 +137,9 @@ def make_tls_authority(names: Iterable[str] = ("tls.test", "127.0.0.1")) -> TLSA
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    key_pem = server_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    server = PrivateCertificate.loadPEM(
-        server_cert.public_bytes(serialization.Encoding.PEM) + key_pem
-    )
     trust_root = Certificate.loadPEM(ca_cert.public_bytes(serialization.Encoding.PEM))
-    return TLSAuthority(trust_root=trust_root, server_options=server.options())
+    server_options = _ServerTLSContext(key=server_key, certificate=server_cert)
+    return TLSAuthority(trust_root=trust_root, server_options=server_options)
 
 
 @attrs.define(eq=False)

@@ -47,7 +47,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
-    HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
 )
@@ -58,6 +57,7 @@ from zope.interface import implementer
 
 from imgproxy.errors import ProxyError
 from imgproxy.params import check_source_url
+from imgproxy.quietpool import QuietConnectionPool
 from imgproxy.worker.addresses import AddressPolicy, IPAddress, parse_ip_literal
 
 if TYPE_CHECKING:
@@ -421,7 +421,7 @@ class SourceFetcher:
         self._reactor = reactor
         self._limits = limits
         self._user_agent = user_agent
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = QuietConnectionPool(reactor, persistent=True)
         endpoints = _CheckedEndpointFactory(
             reactor,
             resolver if resolver is not None else reactor.nameResolver,

@@ -127,9 +127,14 @@ class FakeMember:
         self.udp.close()
         self.tcp.close()
 
-    def send_udp(self, messages: list[Message], to: str) -> None:
+    def send_udp(
+        self, messages: list[Message], to: str, *, crc: bool = False, compress: bool = False
+    ) -> None:
         parts = [encode_message(m) for m in messages]
-        for packet in encode_packet(parts, keyring=self.keyring, protocol_version=2, crc=False):
+        packets = encode_packet(
+            parts, keyring=self.keyring, protocol_version=2, crc=crc, compress=compress
+        )
+        for packet in packets:
             self.udp.sendto(packet, (to, PORT))
 
     def _serve_udp(self) -> None:
@@ -188,10 +193,12 @@ class FakeMember:
             return
         conn.sendall(encode_stream(reply, keyring=self.keyring, protocol_version=2))
 
-    def dial(self, to: str, msg: Message, kind: str) -> None:
+    def dial(self, to: str, msg: Message, kind: str, compress: bool = False) -> None:
         """Open a stream to a serf agent, send ``msg``, record the reply."""
         with socket.create_connection((to, PORT), timeout=5, source_address=(FAKE_IP, 0)) as c:
-            c.sendall(encode_stream(msg, keyring=self.keyring, protocol_version=2))
+            c.sendall(
+                encode_stream(msg, keyring=self.keyring, protocol_version=2, compress=compress)
+            )
             try:
                 raw, messages = self._read_message(c, inbound=False)
             except (WireError, OSError) as e:
@@ -292,7 +299,7 @@ def scenario(encrypt: bytes | None, workdir: Path) -> dict[str, object]:
             A_IP,
         )
         fake.dial(A_IP, Ping(seq_no=fake.next_seq(), node="a"), "stream ping")
-        fake.dial(A_IP, PushPull(join=False, states=(fake.state(),)), "push-pull")
+        fake.dial(A_IP, PushPull(join=False, states=(fake.state(),)), "push-pull", compress=True)
         ghost = IndirectPing(
             seq_no=fake.next_seq(),
             target=_ip(GHOST_IP),
@@ -314,13 +321,27 @@ def scenario(encrypt: bytes | None, workdir: Path) -> dict[str, object]:
             vsn=VSN,
         )
         fake.send_udp([rumour], A_IP)
+        # Two more, as one compound, LZW-compressed and CRC-checked: serf must take both.
+        rumours = [
+            Alive(
+                incarnation=3,
+                node=f"rumour{i}",
+                addr=_ip(f"127.0.0.{25 + i}"),
+                port=PORT,
+                meta=encode_tags({"role": "worker", "http": "9000"}),
+                vsn=VSN,
+            )
+            for i in (2, 3)
+        ]
+        fake.send_udp(rumours, A_IP, crc=True, compress=True)
         time.sleep(2)
         agents.start("b", B_IP, {"role": "gateway", "http": "8082"}, join=A_IP)
         time.sleep(4)
         notes["members_a"] = json.loads(rpc(A_IP, "members", "-format=json") or "null")
         agents.kill("b")  # SIGKILL: a probes, asks us for indirect pings, suspects, declares dead
-        # Lifeguard starts suspicion at up to 6x the base timeout: allow it half a minute.
-        wait_for(lambda: _status(A_IP, "b") == "failed", "b to be declared failed", 45)
+        # Lifeguard starts suspicion at up to 6x the base timeout, and our fake member never
+        # nacks, which makes a doubt itself and slow down further: allow it a while.
+        wait_for(lambda: _status(A_IP, "b") == "failed", "b to be declared failed", 90)
         notes["members_a_after_kill"] = json.loads(rpc(A_IP, "members", "-format=json") or "null")
         rpc(A_IP, "leave")
         time.sleep(2)

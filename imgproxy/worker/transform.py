@@ -634,8 +634,14 @@ def _output_mode(image: Image.Image, out_format: str, icc_profile: bytes | None)
         if mode == "LA":
             return image.convert("RGBA")
         return image
-    if out_format == "gif" and mode == "LA":
-        return image.convert("RGBA")
+    if out_format == "gif":
+        if mode == "LA":
+            return image.convert("RGBA")
+        if mode == "RGB":
+            # Fast octree: ~50x quicker than Pillow's default median cut for
+            # GIF, within a few dB.  (RGBA goes to Pillow, which uses it too
+            # and keeps the transparent index.)
+            return image.quantize(256, method=Image.Quantize.FASTOCTREE)
     return image
 
 

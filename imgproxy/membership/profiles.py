@@ -2,7 +2,8 @@
 
 The numbers are memberlist's ``DefaultLANConfig`` and ``DefaultLocalConfig``
 (config.go), in seconds, so an imgproxy node behaves like a serf agent on the
-same network. Derive variants with ``attrs.evolve(LAN, ...)``.
+same network; the reconnect settings are serf's own defaults (serf/config.go).
+Derive variants with ``attrs.evolve(LAN, ...)``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ class Profile:
     udp_buffer_size: int = 1400
     #: A dead member may come back under a new address after this long (0: only once reaped).
     dead_node_reclaim_time: float = 0.0
-    #: memberlist asks for a TCP ping as a last resort; this core has no TCP ping (see state.py).
+    #: Skip memberlist's last-resort ping over TCP (used when the shell provides one).
     disable_tcp_pings: bool = False
+    #: serf's reconnect: every this often, a push-pull with one random failed member, so
+    #: that a healed partition becomes one cluster again (0 turns it off).
+    reconnect_interval: float = 30.0
+    #: ... for this long after it failed (serf's ReconnectTimeout).
+    reconnect_timeout: float = 24 * 3600.0
 
 
 LAN = Profile(

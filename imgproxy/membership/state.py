@@ -11,16 +11,20 @@ injected ``IReactorTime``; every random choice through the injected ``random.Ran
 
 Deliberate differences from memberlist (each is a comment where it happens):
 
-- no TCP fallback ping (the shell has no such channel; indirect probes cover it);
 - the protocol version check of a push-pull (``verifyProtocol``) is not done;
 - dead *and left* members are reaped after ``gossip_to_the_dead_time`` (newer memberlist);
+- serf's reconnect (a periodic push-pull with a failed member) lives here, so that a
+  healed partition merges without a serf layer above;
 - memberlist issue 311: a member we hold dead or left at an incarnation above the
-  one it now claims is told so, so that it refutes instead of staying invisible.
+  one it now claims is told so, so that it refutes instead of staying invisible;
+  and an accusation of an older incarnation of ourselves makes us gossip our
+  current alive again instead of being ignored.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
@@ -65,6 +69,7 @@ COMPOUND_HEADER_OVERHEAD = 2
 COMPOUND_OVERHEAD = 2
 
 
+@functools.lru_cache(maxsize=4096)
 def host_of(addr: bytes) -> str:
     """The printable form of a raw 4- or 16-byte address."""
     return str(ipaddress.ip_address(addr))
@@ -154,6 +159,8 @@ class _Probe:
     nacks: int = 0
     done: bool = False
     direct_timer: IDelayedCall | None = None
+    deadline: float = 0.0
+    tcp_contact: bool = False
 
 
 class SwimNode:
@@ -176,8 +183,14 @@ class SwimNode:
         size_of: Callable[[Message], int] = estimate_size,
         packet_overhead: int = 0,
         vsn: tuple[int, ...] = DEFAULT_VSN,
+        tcp_ping: Callable[[Address, Ping, float], Deferred[bool]] | None = None,
     ) -> None:
-        """``packet_overhead``: bytes the shell adds to each packet (encryption, label)."""
+        """``packet_overhead``: bytes the shell adds to each packet (encryption, label).
+
+        ``tcp_ping(addr, ping, timeout)``: memberlist's fallback probe, a ping over a TCP
+        stream; fires True if the matching ack came back within ``timeout``. Without
+        it, probes are UDP only.
+        """
         self.name = name
         self.profile = profile
         self.counters = SwimCounters()
@@ -189,6 +202,7 @@ class SwimNode:
         self._send = send
         self._on_event = on_event
         self._request_push_pull = request_push_pull
+        self._tcp_ping = tcp_ping
         self._rng = rng
         self._size_of = size_of
         self._packet_overhead = packet_overhead
@@ -202,6 +216,8 @@ class SwimNode:
         self._awareness = Awareness(profile.awareness_max_multiplier)
         self._broadcasts = TransmitLimitedQueue(profile.retransmit_mult, self._num_nodes, size_of)
         self._suspicions: dict[str, SuspicionTimer] = {}
+        # Failed members we try to reach again, kept after they are reaped from the table.
+        self._failed: dict[str, Member] = {}
         self._ack_handlers: dict[int, _AckHandler] = {}
         self._probe: _Probe | None = None
         self._probe_pending = False
@@ -242,6 +258,8 @@ class SwimNode:
         pp = self.profile.push_pull_interval
         if pp > 0:
             self._schedule("push_pull", self._rng.random() * pp, self._push_pull_tick)
+        if profile.reconnect_interval > 0:
+            self._schedule("reconnect", profile.reconnect_interval, self._reconnect_tick)
 
     def stop(self) -> None:
         """Cancel every timer; the node stays inert until :meth:`start`."""
@@ -306,6 +324,13 @@ class SwimNode:
         for message in messages:
             self.counters.messages_in[type(message).__name__] += 1
             self._handle(message, from_addr)
+
+    def answer_stream_ping(self, ping: Ping) -> AckResp | None:
+        """The ack for a ping that came over TCP, or None if it is for another node."""
+        if ping.node and ping.node != self.name:
+            return None
+        self.counters.messages_in["Ping"] += 1
+        return AckResp(ping.seq_no)
 
     def local_state(self, join: bool) -> PushPull:
         """Our whole member table, for a push-pull exchange."""
@@ -376,6 +401,23 @@ class SwimNode:
         if peers:
             self._request_push_pull(peers[0].address, False)
 
+    def _reconnect_tick(self) -> None:
+        """serf's reconnect: a joining push-pull with one random failed member."""
+        self._schedule("reconnect", self.profile.reconnect_interval, self._reconnect_tick)
+        now = self._clock.seconds()
+        for name, m in list(self._failed.items()):
+            if now - m.state_change > self.profile.reconnect_timeout:
+                del self._failed[name]
+        if not self._failed:
+            return
+        alive = sum(1 for m in self._members.values() if not m.dead_or_left)
+        # Throttled like serf: a few failures among many live members are rarely retried.
+        if self._rng.random() > len(self._failed) / max(1, alive):
+            return
+        names = sorted(self._failed)
+        target = self._failed[names[self._rng.randrange(len(names))]]
+        self._request_push_pull(target.address, True)
+
     # -- failure detection ------------------------------------------------------------
 
     def _probe_next(self) -> None:
@@ -418,7 +460,7 @@ class SwimNode:
         self.counters.probes += 1
         interval = self._awareness.scale_timeout(self.profile.probe_interval)
         seq_no = self._next_seq_no()
-        probe = _Probe(seq_no, target)
+        probe = _Probe(seq_no, target, deadline=self._clock.seconds() + interval)
         self._probe = probe
         ping = Ping(seq_no, target.name, self._addr, self._port, self.name)
 
@@ -466,7 +508,25 @@ class SwimNode:
                 self.name,
             )
             self._send_msg(peer.address, req)
-        # memberlist would also try a TCP ping here; this core has no stream channel.
+        # Also a ping over TCP: a member cut off from UDP but reachable over TCP must
+        # not be declared dead (it could still push-pull misinformation otherwise).
+        if (
+            self._tcp_ping is not None
+            and not self.profile.disable_tcp_pings
+            and len(target.vsn) > 1
+            and target.vsn[1] >= 3
+        ):
+            ping = Ping(probe.seq_no, target.name, self._addr, self._port, self.name)
+            timeout = max(0.0, probe.deadline - self._clock.seconds())
+
+            def contacted(ok: bool) -> None:
+                if ok and not probe.done:
+                    probe.tcp_contact = True
+
+            def failed(reason: object) -> None:
+                self._log.debug("fallback ping of {member} failed", member=target.name)
+
+            self._tcp_ping(target.address, ping, timeout).addCallbacks(contacted, failed)
 
     def _end_probe(self, probe: _Probe, success: bool = False) -> None:
         if probe.done:
@@ -475,6 +535,12 @@ class SwimNode:
         self._cancel(probe.direct_timer)
         if self._probe is probe:
             self._probe = None
+        if not success and probe.tcp_contact:
+            self._log.warn(
+                "reached {member} over TCP but not over UDP: network may be misconfigured",
+                member=probe.target.name,
+            )
+            success = True
         if success:
             self._awareness.apply_delta(probe.awareness_delta)
         else:
@@ -688,6 +754,7 @@ class SwimNode:
                 state = attrs.evolve(state, state=NodeState.ALIVE, state_change=now)
             self._members[a.node] = state
 
+        self._failed.pop(a.node, None)
         if old_state in (NodeState.DEAD, NodeState.LEFT):
             self._emit("join", state)
         elif old_meta != state.meta:
@@ -695,7 +762,10 @@ class SwimNode:
 
     def _suspect_node(self, s: Suspect) -> None:
         state = self._members.get(s.node)
-        if state is None or s.incarnation < state.incarnation:
+        if state is None:
+            return
+        if s.incarnation < state.incarnation:
+            self._restate_if_self(state)
             return
         timer = self._suspicions.get(s.node)
         if timer is not None:
@@ -753,7 +823,10 @@ class SwimNode:
 
     def _dead_node(self, d: Dead) -> None:
         state = self._members.get(d.node)
-        if state is None or d.incarnation < state.incarnation:
+        if state is None:
+            return
+        if d.incarnation < state.incarnation:
+            self._restate_if_self(state)
             return
         self._clear_suspicion(d.node)
         if state.dead_or_left:
@@ -774,7 +847,19 @@ class SwimNode:
             state_change=self._clock.seconds(),
         )
         self._members[d.node] = state
+        if left:
+            self._failed.pop(d.node, None)
+        elif d.node != self.name:
+            self._failed[d.node] = state
         self._emit("leave" if left else "failed", state)
+
+    def _restate_if_self(self, me: Member) -> None:
+        """Someone still accuses an older incarnation of us: it missed our news, so
+        gossip our current alive again (memberlist stays silent and lets push-pull fix
+        it; a member that restarted on a new address then waits for that)."""
+        if me.name == self.name and not self._left and me.state == NodeState.ALIVE:
+            alive = Alive(me.incarnation, me.name, me.addr, me.port, me.meta, me.vsn)
+            self._broadcasts.queue(me.name, alive)
 
     def _clear_suspicion(self, name: str) -> None:
         timer = self._suspicions.pop(name, None)

@@ -12,14 +12,16 @@ import heapq
 import itertools
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred
+from twisted.internet.error import AlreadyCalled, AlreadyCancelled
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
-from imgproxy.membership.messages import Message, NodeState
+from imgproxy.membership.messages import Message, NodeState, Ping
 from imgproxy.membership.profiles import Profile
 from imgproxy.membership.state import MemberEvent, SwimNode
 
@@ -27,40 +29,90 @@ Address = tuple[str, int]
 LOOPBACK = bytes([127, 0, 0, 1])
 
 
+_PENDING, _FROZEN, _CALLED, _CANCELLED = range(4)
+
+
+@implementer(IDelayedCall)
+class _Call:
+    """A pending call of :class:`Clock`; ``owner`` is the node clock it belongs to, if any."""
+
+    __slots__ = ("clock", "func", "owner", "state", "time")
+
+    def __init__(
+        self, clock: Clock, time: float, func: Callable[[], Any], owner: NodeClock | None
+    ) -> None:
+        self.clock = clock
+        self.time = time
+        self.func = func
+        self.owner = owner
+        self.state = _PENDING
+
+    def getTime(self) -> float:
+        return self.time
+
+    def active(self) -> bool:
+        return self.state in (_PENDING, _FROZEN)
+
+    def cancel(self) -> None:
+        if self.state == _CANCELLED:
+            raise AlreadyCancelled()
+        if self.state == _CALLED:
+            raise AlreadyCalled()
+        self.state = _CANCELLED
+
+    def reset(self, secondsFromNow: float) -> None:
+        if self.state == _CANCELLED:
+            raise AlreadyCancelled()
+        if self.state == _CALLED:
+            raise AlreadyCalled()
+        if self.state == _PENDING:
+            # The old heap entry goes stale: its time no longer matches.
+            self.time = self.clock.rightNow + secondsFromNow
+            self.clock._push(self)
+
+    def delay(self, secondsLater: float) -> None:
+        self.reset(self.time + secondsLater - self.clock.rightNow)
+
+    def run(self) -> None:
+        if self.state in (_PENDING, _FROZEN):
+            self.state = _CALLED
+            self.func()
+
+
 @implementer(IReactorTime)
 class Clock:
-    """``twisted.internet.task.Clock`` on a heap: that one re-sorts every pending call
-    after each call it runs, which a hundred gossiping nodes cannot afford."""
+    """A deterministic clock like ``twisted.internet.task.Clock``, on a heap.
+
+    Twisted's re-sorts every pending call after each call it runs, which a hundred
+    gossiping nodes cannot afford.
+    """
 
     def __init__(self) -> None:
         self.rightNow = 0.0
-        self._heap: list[tuple[float, int, DelayedCall]] = []
+        self._heap: list[tuple[float, int, _Call]] = []
         self._tie = itertools.count()
 
     def seconds(self) -> float:
         return self.rightNow
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        call = DelayedCall(
-            self.rightNow + delay, callable, args, kw, lambda c: None, self._push, self.seconds
-        )
+        return self.call_at(self.rightNow + delay, partial(callable, *args, **kw), None)
+
+    def call_at(self, when: float, func: Callable[[], Any], owner: NodeClock | None) -> _Call:
+        call = _Call(self, when, func, owner)
         self._push(call)
         return call
 
     def getDelayedCalls(self) -> Sequence[IDelayedCall]:
-        return [c for _, _, c in self._heap if c.active()]
+        return [c for _, _, c in self._heap if c.state == _PENDING]
 
     def next_time(self) -> float | None:
         """When the earliest pending call is due, or None."""
         heap = self._heap
         while heap:
             when, _, call = heap[0]
-            if call.cancelled or call.called or when != call.time:
+            if call.state != _PENDING or when != call.time:
                 heapq.heappop(heap)
-            elif call.delayed_time:
-                heapq.heappop(heap)
-                call.activate_delay()
-                self._push(call)
             else:
                 return when
         return None
@@ -73,55 +125,16 @@ class Clock:
             if when is None or when > self.rightNow:
                 return
             _, _, call = heapq.heappop(self._heap)
-            call.called = 1
-            call.func(*call.args, **call.kw)
+            owner = call.owner
+            if owner is not None and owner.paused:
+                call.state = _FROZEN
+                owner.frozen.append(call)
+            else:
+                call.state = _CALLED
+                call.func()
 
-    def _push(self, call: DelayedCall) -> None:
+    def _push(self, call: _Call) -> None:
         heapq.heappush(self._heap, (call.time, next(self._tie), call))
-
-
-@implementer(IDelayedCall)
-class _NodeCall:
-    """A call on a :class:`NodeClock`, backed by a call on the shared clock."""
-
-    def __init__(self, owner: NodeClock, when: float, fn: Callable[[], Any]) -> None:
-        self._owner = owner
-        self._fn = fn
-        self._when = when
-        self._state = "pending"  # pending, frozen, called, cancelled
-        self._inner = owner.shared.callLater(when - owner.shared.seconds(), self._due)
-
-    def _due(self) -> None:
-        if self._owner.paused:
-            self._state = "frozen"
-            self._owner.frozen.append(self)
-            return
-        self._run()
-
-    def _run(self) -> None:
-        if self._state in ("called", "cancelled"):
-            return
-        self._state = "called"
-        self._fn()
-
-    def getTime(self) -> float:
-        return self._when
-
-    def active(self) -> bool:
-        return self._state in ("pending", "frozen")
-
-    def cancel(self) -> None:
-        if self._state == "pending":
-            self._inner.cancel()
-        self._state = "cancelled"
-
-    def delay(self, secondsLater: float) -> None:
-        self.reset(self._when + secondsLater - self._owner.shared.seconds())
-
-    def reset(self, secondsFromNow: float) -> None:
-        if self._state == "pending":
-            self._when = self._owner.shared.seconds() + secondsFromNow
-            self._inner.reset(secondsFromNow)
 
 
 @implementer(IReactorTime)
@@ -131,14 +144,14 @@ class NodeClock:
     def __init__(self, shared: Clock) -> None:
         self.shared = shared
         self.paused = False
-        self.frozen: list[_NodeCall] = []
+        self.frozen: list[_Call] = []
 
     def seconds(self) -> float:
-        return self.shared.seconds()
+        return self.shared.rightNow
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        call = _NodeCall(self, self.shared.seconds() + delay, lambda: callable(*args, **kw))
-        return call
+        func = partial(callable, *args, **kw) if args or kw else callable
+        return self.shared.call_at(self.shared.rightNow + delay, func, self)
 
     def getDelayedCalls(self) -> list[IDelayedCall]:
         return []
@@ -149,9 +162,9 @@ class NodeClock:
     def resume(self) -> None:
         """Run, in time order, everything that came due while paused."""
         self.paused = False
-        frozen, self.frozen = sorted(self.frozen, key=lambda c: c.getTime()), []
+        frozen, self.frozen = sorted(self.frozen, key=lambda c: c.time), []
         for call in frozen:
-            call._run()
+            call.run()
 
 
 @attrs.frozen
@@ -205,6 +218,8 @@ class Simulation:
         self.partition_of: dict[str, int] = {}
         self.observations: list[Observation] = []
         self.packets_sent = 0
+        #: Whether probes may fall back to a ping over (lossless) TCP, as memberlist's do.
+        self.tcp_pings = True
         self.packets_dropped = 0
         self._next_port = 20000
 
@@ -231,6 +246,7 @@ class Simulation:
             on_event=lambda ev: self._observe(holder[0], ev),
             request_push_pull=lambda addr, join: self._push_pull(holder[0], addr, join),
             rng=random.Random(self.rng.getrandbits(64)),
+            tcp_ping=lambda addr, ping, timeout: self._tcp_ping(holder[0], addr, ping, timeout),
         )
         node = SimNode(name, port, swim, clock)
         holder.append(node)
@@ -385,17 +401,45 @@ class Simulation:
         # Through the receiver's clock, so a paused receiver holds it in its inbox.
         target.clock.callLater(delay, deliver)
 
+    def _reachable_over_tcp(self, initiator: SimNode, peer: SimNode | None) -> bool:
+        return (
+            not initiator.crashed
+            and peer is not None
+            and not peer.crashed
+            and not peer.clock.paused
+            and not initiator.clock.paused
+            and self._can_talk(initiator.name, peer.name)
+        )
+
+    def _tcp_ping(
+        self, initiator: SimNode, addr: Address, ping: Ping, timeout: float
+    ) -> Deferred[bool]:
+        """A ping over TCP: not lost, but slow nodes answer late and dead ones never."""
+        result: Deferred[bool] = Deferred()
+        peer = self.by_address.get(addr)
+        # Both ends handle the exchange as late as their event loops lag.
+        rtt = 2 * self.latency + initiator.delivery_lag
+        rtt += peer.delivery_lag if peer is not None else 0.0
+
+        def answer() -> None:
+            if result.called:
+                return
+            ack = peer.swim.answer_stream_ping(ping) if peer is not None else None
+            result.callback(ack is not None and ack.seq_no == ping.seq_no)
+
+        def give_up() -> None:
+            if not result.called:
+                result.callback(False)
+
+        if self.tcp_pings and rtt < timeout and self._reachable_over_tcp(initiator, peer):
+            self.clock.callLater(rtt, answer)
+        self.clock.callLater(timeout, give_up)
+        return result
+
     def _push_pull(self, initiator: SimNode, addr: Address, join: bool) -> None:
         def exchange() -> None:
             peer = self.by_address.get(addr)
-            if (
-                initiator.crashed
-                or peer is None
-                or peer.crashed
-                or peer.clock.paused
-                or initiator.clock.paused
-                or not self._can_talk(initiator.name, peer.name)
-            ):
+            if peer is None or not self._reachable_over_tcp(initiator, peer):
                 return
             ours = initiator.swim.local_state(join)
             theirs = peer.swim.local_state(join)
@@ -403,3 +447,45 @@ class Simulation:
             initiator.swim.merge_remote_state(theirs)
 
         self.clock.callLater(2 * self.latency, exchange)
+
+
+def crash_detection(sim: Simulation, victim: str, timeout: float) -> list[float]:
+    """Crash ``victim``; seconds until each survivor declared it dead (survivors that
+    did not within ``timeout`` are missing from the list)."""
+    survivors = [n for n in sim.live_names() if n != victim]
+    crashed_at = sim.now()
+    sim.crash(victim)
+    sim.run_until(lambda: sim.all_see(survivors, [victim], NodeState.DEAD), timeout)
+    return sorted(
+        o.time - crashed_at
+        for o in sim.events("failed", victim)
+        if o.time >= crashed_at and o.observer in survivors
+    )
+
+
+def detection_table(sizes: tuple[int, ...] = (3, 5, 10), seeds: int = 10) -> str:
+    """Crash-detection times (mean and max over all survivors and seeds) per profile and size."""
+    from imgproxy.membership.profiles import LAN, LOCAL
+
+    lines = ["profile  n  first(mean)  all(mean)  all(max)  [seconds from crash to dead]"]
+    for profile in (LAN, LOCAL):
+        for n in sizes:
+            firsts, lasts = [], []
+            for seed in range(seeds):
+                sim = Simulation(profile, seed=seed)
+                names = sim.add_nodes(n)
+                sim.join_all(names, names[0])
+                sim.run_until(partial(sim.all_see, names, names, NodeState.ALIVE), 60)
+                sim.run(5 + sim.rng.random() * 5)
+                times = crash_detection(sim, names[sim.rng.randrange(n)], timeout=300)
+                firsts.append(times[0])
+                lasts.append(times[-1])
+            lines.append(
+                f"{profile.name:7} {n:2} {sum(firsts) / seeds:11.2f} "
+                f"{sum(lasts) / seeds:10.2f} {max(lasts):9.2f}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(detection_table())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -34,7 +36,12 @@ def ip(last: int) -> bytes:
 class Harness:
     """A node named ``me`` on 127.0.0.1:7946 with a recording network."""
 
-    def __init__(self, profile: Profile = LAN, start: bool = True) -> None:
+    def __init__(
+        self,
+        profile: Profile = LAN,
+        start: bool = True,
+        tcp_ping: Callable[[tuple[str, int], Ping, float], Deferred[bool]] | None = None,
+    ) -> None:
         self.clock = Clock()
         self.sent: list[tuple[tuple[str, int], list[Message]]] = []
         self.events: list[MemberEvent] = []
@@ -50,6 +57,7 @@ class Harness:
             on_event=self.events.append,
             request_push_pull=lambda addr, join: self.push_pulls.append((addr, join)),
             rng=random.Random(4),
+            tcp_ping=tcp_ping,
         )
         if start:
             self.node.start()
@@ -77,6 +85,19 @@ class Harness:
 
     def kinds(self) -> list[tuple[str, str]]:
         return [(e.kind, e.member.name) for e in self.events]
+
+
+def probe_p2(h: Harness) -> Ping:
+    """Advance until the node pings p2; return that ping."""
+    for _ in range(200):
+        h.clock.advance(0.05)
+        for _, m in h.messages_of(Ping):
+            if m.node == "p2":
+                return m
+            # Everyone else answers at once.
+            h.node.handle_packet([AckResp(m.seq_no)], ("x", 1))
+        h.take()
+    raise AssertionError("p2 was never probed")
 
 
 class StartTests(SynchronousTestCase):
@@ -260,24 +281,12 @@ class SuspicionTests(SynchronousTestCase):
 
 
 class ProbeTests(SynchronousTestCase):
-    def probe_p2(self, h: Harness) -> Ping:
-        """Advance until the node pings p2; return that ping."""
-        for _ in range(200):
-            h.clock.advance(0.05)
-            for _, m in h.messages_of(Ping):
-                if m.node == "p2":
-                    return m
-                # Everyone else answers at once.
-                h.node.handle_packet([AckResp(m.seq_no)], ("x", 1))
-            h.take()
-        raise AssertionError("p2 was never probed")
-
     def test_an_acked_probe_keeps_the_member_alive_and_improves_health(self) -> None:
         h = Harness()
         h.add_peer(2)
         h.node.handle_packet([Suspect(1, "me", "p2")], ("x", 1))
         self.assertEqual(h.node.health_score, 1)
-        ping = self.probe_p2(h)
+        ping = probe_p2(h)
         h.node.handle_packet([AckResp(ping.seq_no)], ("10.0.0.2", 7946))
         self.assertEqual(h.node.health_score, 0)
         h.clock.advance(5)
@@ -287,7 +296,7 @@ class ProbeTests(SynchronousTestCase):
         h = Harness()
         for i in (2, 3, 4, 5):
             h.add_peer(i)
-        ping = self.probe_p2(h)
+        ping = probe_p2(h)
         h.take()
         h.clock.advance(LAN.probe_timeout)
         reqs = [(a, m) for a, m in h.messages_of(IndirectPing)]
@@ -305,7 +314,7 @@ class ProbeTests(SynchronousTestCase):
         h = Harness()
         for i in (2, 3):
             h.add_peer(i)
-        ping = self.probe_p2(h)
+        ping = probe_p2(h)
         h.clock.advance(0.7)
         h.node.handle_packet([AckResp(ping.seq_no)], ("10.0.0.3", 7946))
         h.clock.advance(1)
@@ -315,7 +324,7 @@ class ProbeTests(SynchronousTestCase):
         h = Harness()
         h.add_peer(2)
         h.add_peer(3, vsn=(1, 3, 2, 0, 0, 0))
-        self.probe_p2(h)
+        probe_p2(h)
         h.clock.advance(LAN.probe_timeout)
         ((_, req),) = h.messages_of(IndirectPing)
         self.assertFalse(req.nack)
@@ -327,7 +336,7 @@ class ProbeTests(SynchronousTestCase):
         h.add_peer(2)
         h.node.handle_packet([Suspect(1, "p2", "p3")], ("x", 1))
         h.take()
-        self.probe_p2(h)
+        probe_p2(h)
         ((addr, msgs),) = [(a, ms) for a, ms in h.sent if any(isinstance(m, Ping) for m in ms)]
         self.assertEqual(addr, ("10.0.0.2", 7946))
         self.assertEqual(msgs[1], Suspect(1, "p2", "me"))
@@ -337,7 +346,7 @@ class ProbeTests(SynchronousTestCase):
         h.add_peer(2)
         h.node.handle_packet([Suspect(1, "me", "x"), Suspect(2, "me", "y")], ("x", 1))
         self.assertEqual(h.node.health_score, 2)
-        ping = self.probe_p2(h)
+        ping = probe_p2(h)
         h.clock.advance(2.5)  # the probe now lasts 3 s
         h.node.handle_packet([AckResp(ping.seq_no)], ("10.0.0.2", 7946))
         self.assertEqual(h.state("p2"), NodeState.ALIVE)
@@ -355,6 +364,68 @@ class ProbeTests(SynchronousTestCase):
                 h.node.handle_packet([AckResp(m.seq_no)], ("x", 1))
             h.take()
         self.assertEqual(sorted(seen), ["p2", "p3", "p4", "p5", "p6"])
+
+
+class TcpFallbackTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.asked: list[tuple[tuple[str, int], Ping, float]] = []
+        self.answers: list[Deferred[bool]] = []
+
+    def tcp_ping(self, addr: tuple[str, int], ping: Ping, timeout: float) -> Deferred[bool]:
+        self.asked.append((addr, ping, timeout))
+        d: Deferred[bool] = Deferred()
+        self.answers.append(d)
+        return d
+
+    def test_a_member_reached_over_tcp_is_not_suspected(self) -> None:
+        h = Harness(tcp_ping=self.tcp_ping)
+        h.add_peer(2)
+        ping = probe_p2(h)
+        h.clock.advance(LAN.probe_timeout)
+        ((addr, tcp, timeout),) = self.asked
+        self.assertEqual((addr, tcp.seq_no, tcp.node), (("10.0.0.2", 7946), ping.seq_no, "p2"))
+        self.assertAlmostEqual(timeout, LAN.probe_interval - LAN.probe_timeout)
+        self.answers[0].callback(True)
+        h.clock.advance(1)
+        self.assertEqual(h.state("p2"), NodeState.ALIVE)
+        self.assertEqual(h.node.counters.failed_probes, 0)
+
+    def test_a_failed_tcp_ping_still_leads_to_suspicion(self) -> None:
+        h = Harness(tcp_ping=self.tcp_ping)
+        h.add_peer(2)
+        probe_p2(h)
+        h.clock.advance(LAN.probe_timeout)
+        self.answers[0].callback(False)
+        h.clock.advance(1)
+        self.assertEqual(h.state("p2"), NodeState.SUSPECT)
+
+    def test_old_protocol_members_get_no_tcp_ping(self) -> None:
+        h = Harness(tcp_ping=self.tcp_ping)
+        h.add_peer(2, vsn=(1, 2, 2, 0, 0, 0))
+        probe_p2(h)
+        h.clock.advance(LAN.probe_timeout)
+        self.assertEqual(self.asked, [])
+
+    def test_a_stream_ping_is_answered_for_us_only(self) -> None:
+        h = Harness()
+        self.assertEqual(h.node.answer_stream_ping(Ping(9, "me")), AckResp(9))
+        self.assertIsNone(h.node.answer_stream_ping(Ping(9, "other")))
+
+
+class ReconnectTests(SynchronousTestCase):
+    def test_failed_members_are_retried_with_a_joining_push_pull(self) -> None:
+        h = Harness(attrs.evolve(LAN, push_pull_interval=0.0))
+        h.add_peer(2)
+        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
+        h.run(LAN.reconnect_interval + 1, step=0.1)
+        self.assertEqual(h.push_pulls, [(("10.0.0.2", 7946), True)])
+
+    def test_members_that_left_are_not_retried(self) -> None:
+        h = Harness(attrs.evolve(LAN, push_pull_interval=0.0))
+        h.add_peer(2)
+        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
+        h.run(3 * LAN.reconnect_interval, step=0.1)
+        self.assertEqual(h.push_pulls, [])
 
 
 class PingHandlingTests(SynchronousTestCase):
@@ -505,6 +576,16 @@ class RestartedMemberTests(SynchronousTestCase):
         # Its refutation above the accusation brings it back.
         h.node.handle_packet([Alive(101, "p2", ip(2), 7946, b"")], ("x", 1))
         self.assertEqual(h.state("p2"), NodeState.ALIVE)
+
+    def test_an_accusation_of_an_older_us_regossips_our_current_alive(self) -> None:
+        h = Harness()
+        h.node.handle_packet([Suspect(5, "me", "p2")], ("x", 1))
+        h.run(1)  # let the refutation go out
+        h.take()
+        h.node.handle_packet([Dead(3, "me", "p2")], ("x", 1))
+        self.assertEqual(h.node.incarnation, 6)
+        h.node.handle_packet([Ping(1, "me", ip(3), 7946, "p3")], ("x", 1))
+        self.assertIn(Alive(6, "me", ME, 7946, b"m0"), [m for _, m in h.messages_of(Alive)])
 
     def test_a_restarted_node_refutes_what_it_is_told(self) -> None:
         h = Harness()

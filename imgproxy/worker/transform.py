@@ -1,7 +1,8 @@
 """Source bytes in, transformed image bytes out: the Pillow core of the worker.
 
-Pure and blocking: no I/O, no Twisted, no shared mutable state of ours, so it
-runs on the worker's decoding thread pool.  Every failure an input can cause
+Pure and blocking: no I/O, no Twisted, no shared mutable state (but for
+Pillow's bomb threshold, which is only ever raised to the configured limit),
+so it runs on the worker's decoding thread pool.  Every failure an input can cause
 is a ``ProxyError``: 415 for what is not a supported image, 413 for what is
 too large to decode, 502 for what is broken.
 """
@@ -466,7 +467,15 @@ def _transform(
         frames, durations = _render_animation(image, stored, orientation)
         loop = image.info.get("loop")
     else:
-        keep_palette = image.mode == "P" and out_format in ("png", "gif")
+        # A palette image that needs no resampling keeps its exact palette,
+        # unless it is going to GIF with per-entry alpha (GIF has one
+        # transparent index; Pillow's RGBA path picks it).  A resampled one
+        # stays true colour: quantizing it back (without libimagequant)
+        # blurs its alpha, opaque pixels included.
+        keep_palette = image.mode == "P" and (
+            out_format == "png"
+            or (out_format == "gif" and not isinstance(image.info.get("transparency"), bytes))
+        )
         frames = [_render_still(image, info.format, stored, orientation, keep_palette)]
         durations, loop = [], None
     return geometry, _encode(frames, durations, loop, out_format, spec.quality, icc_profile)
@@ -674,8 +683,6 @@ def _encode(
     icc_profile: bytes | None,
 ) -> bytes:
     cmyk_source = frames[0].mode == "CMYK"
-    # A resampled palette image stays true colour in PNG: quantizing it back
-    # (without libimagequant) blurs its alpha, opaque pixels included.
     outputs = [_clean(_output_mode(frame, out_format, icc_profile)) for frame in frames]
     first = outputs[0]
     # A CMYK profile does not describe the RGB that replaced it.

@@ -89,6 +89,15 @@ def palette_png_with_transparency(width: int = 60, height: int = 40) -> bytes:
     return encode(image, "PNG", transparency=0)
 
 
+def palette_png_with_alpha_table(width: int = 30, height: int = 10) -> bytes:
+    """A palette PNG with per-entry alpha, in thirds: clear, half-clear red, opaque green."""
+    image = Image.new("P", (width, height), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (253 * 3))
+    image.paste(1, (width // 3, 0, 2 * width // 3, height))
+    image.paste(2, (2 * width // 3, 0, width, height))
+    return encode(image, "PNG", transparency=bytes([0, 128, 255]))
+
+
 def rgba_png(width: int = 60, height: int = 40) -> bytes:
     """An RGBA PNG: fully transparent left half, opaque blue right half."""
     image = Image.new("RGBA", (width, height), (0, 0, 0, 0))

@@ -212,6 +212,20 @@ class FormatTests(SynchronousTestCase):
             self.assertEqual(rgba.getpixel((1, 1))[3], 0, fields)
             self.assertEqual(rgba.getpixel((rgba.width - 2, 1)), (255, 0, 0, 255), fields)
 
+    def test_palette_alpha_table_keeps_its_transparency_in_every_format(self) -> None:
+        source = images.palette_png_with_alpha_table()
+        for fields in (
+            {},
+            {"width": 15},
+            {"output_format": "gif"},
+            {"width": 15, "output_format": "gif"},
+            {"output_format": "webp"},
+        ):
+            out = images.decode(transform_image(source, spec(**fields), LIMITS).body)
+            rgba = out.convert("RGBA")
+            self.assertEqual(rgba.getpixel((1, 1))[3], 0, fields)
+            self.assertEqual(rgba.getpixel((rgba.width - 1, 1))[3], 255, fields)
+
     def test_palette_png_to_webp_keeps_its_transparency(self) -> None:
         source = images.palette_png_with_transparency()
         out = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)

@@ -19,8 +19,10 @@ from imgproxy.worker.transform import (
     SourceInfo,
     TransformedImage,
     TransformLimits,
+    _header_size,
     output_geometry,
     probe_source,
+    sniff_format,
     transform_image,
 )
 from tests.worker import images
@@ -417,6 +419,33 @@ class LimitTests(SynchronousTestCase):
                     transform_image(bomb, spec(width=10), LIMITS)
             self.assertEqual(caught.exception.status, 413)
             self.assertIn("20000x5000", caught.exception.reason)
+
+    def test_header_sizes_are_read_right_in_every_variant(self) -> None:
+        # The size is read by hand before Pillow sees the data; it must agree
+        # with Pillow for each way these formats store it.
+        image = images.photo(123, 45)
+        rgba = image.convert("RGBA")
+        exif = Image.Exif()
+        exif[0x010F] = "a camera maker with a long name" * 20
+        sources = {
+            "baseline jpeg": images.encode(image, "JPEG"),
+            "progressive jpeg": images.encode(image, "JPEG", progressive=True),
+            "jpeg with exif and icc": images.encode(
+                image, "JPEG", exif=exif.tobytes(), icc_profile=images.srgb_profile()
+            ),
+            "png": images.encode(image, "PNG"),
+            "gif": images.encode(image, "GIF"),
+            "lossy webp (VP8)": images.encode(image, "WEBP"),
+            "lossless webp (VP8L)": images.encode(image, "WEBP", lossless=True),
+            "webp with alpha (VP8X)": images.encode(rgba, "WEBP"),
+            "avif": images.encode(image, "AVIF", speed=10),
+        }
+        for name, source in sources.items():
+            fmt = sniff_format(source)
+            self.assertEqual(_header_size(fmt, source), (123, 45), name)
+            with self.assertRaises(ProxyError, msg=name) as caught:
+                probe_source(source, TransformLimits(max_pixels=123 * 45 - 1))
+            self.assertIn("123x45", caught.exception.reason, name)
 
     def test_a_webp_canvas_over_the_limit_is_413(self) -> None:
         with self.assertRaises(ProxyError) as caught:

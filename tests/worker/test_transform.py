@@ -162,6 +162,32 @@ class FormatTests(SynchronousTestCase):
             self.assertEqual(result.output_format, fmt)
             self.assertEqual(result.content_type, f"image/{fmt}")
 
+    def test_every_source_mode_converts_to_every_output_format(self) -> None:
+        photo = images.photo(32, 24)
+        sources = {
+            "1 (png)": images.encode(photo.convert("1"), "PNG"),
+            "L (jpeg)": images.encode(photo.convert("L"), "JPEG"),
+            "LA (png)": images.encode(photo.convert("LA"), "PNG"),
+            "P (gif)": images.encode(photo.convert("P"), "GIF"),
+            "RGB (webp)": images.encode(photo, "WEBP"),
+            "RGBA (avif)": images.encode(photo.convert("RGBA"), "AVIF", speed=10),
+            "CMYK (jpeg)": images.encode(photo.convert("CMYK"), "JPEG"),
+            "I;16 (png)": images.png_16bit(32, 24),
+        }
+        for name, source in sources.items():
+            for fmt in ("jpeg", "png", "webp", "gif", "avif"):
+                result = transform_image(source, spec(width=16, output_format=fmt), LIMITS)
+                out = images.decode(result.body)
+                self.assertEqual((out.format.lower(), out.size), (fmt, (16, 12)), (name, fmt))
+
+    def test_an_mpo_is_shown_as_its_first_image(self) -> None:
+        left, right = images.stripes(40, 30, (images.RED,)), images.stripes(40, 30, (images.BLUE,))
+        source = images.encode(left, "MPO", save_all=True, append_images=[right])
+        self.assertEqual(probe_source(source, LIMITS), SourceInfo("jpeg", 40, 30, 1, "image/jpeg"))
+        out = images.decode(transform_image(source, spec(width=20), LIMITS).body)
+        self.assertEqual((out.format, out.size), ("JPEG", (20, 15)))
+        self.assertTrue(close(out.getpixel((10, 7)), images.RED))
+
     def test_default_output_is_the_source_format(self) -> None:
         for pillow_name, fmt in (
             ("JPEG", "jpeg"),

@@ -9,6 +9,23 @@ message), ``request_push_pull(addr, join)`` for one TCP state exchange, and
 ``on_event(MemberEvent)`` for membership changes. Every timer goes through the
 injected ``IReactorTime``; every random choice through the injected ``random.Random``.
 
+What the shell does:
+
+- each datagram: decode, then ``node.handle_packet(messages, (host, port))``;
+- ``send``: encode ``messages`` as one packet (compound when more than one); it
+  should not raise (errors are logged and the packet is lost, as UDP would);
+- ``request_push_pull(addr, join)``: connect, send ``node.local_state(join)``, read the
+  peer's state, ``node.merge_remote_state(theirs)``; on failure just log (``join``
+  retries are the shell's);
+- an incoming push-pull: reply ``node.local_state(theirs.join)``, then merge theirs;
+- an incoming ping over TCP: reply ``node.answer_stream_ping(ping)`` when not None;
+- optionally ``tcp_ping(addr, ping, timeout)``: memberlist's fallback probe over TCP.
+
+Events include our own ``join`` at :meth:`SwimNode.start` and ``leave`` at
+:meth:`SwimNode.leave`. Deviations from memberlist's probe: none; like memberlist
+the direct ping waits an unscaled ``probe_timeout``, and Lifeguard stretches the
+whole probe (the wait for indirect acks and nacks) to ``(score + 1) * probe_interval``.
+
 Deliberate differences from memberlist (each is a comment where it happens):
 
 - the protocol version check of a push-pull (``verifyProtocol``) is not done;
@@ -90,6 +107,10 @@ def estimate_size(message: Message) -> int:
         elif isinstance(value, tuple):
             size += len(value)
     return size
+
+
+def _valid_address(addr: bytes, port: int) -> bool:
+    return len(addr) in (4, 16) and 0 <= port <= 0xFFFF
 
 
 @attrs.frozen
@@ -287,7 +308,7 @@ class SwimNode:
         for addr in seeds:
             self._request_push_pull(addr, True)
 
-    def leave(self, timeout: float) -> Deferred[bool]:
+    def leave(self, timeout: float = 5.0) -> Deferred[bool]:
         """Broadcast that we are leaving.
 
         The Deferred fires True once the news has been sent its full number of
@@ -323,7 +344,11 @@ class SwimNode:
         """Process every message of one received UDP packet."""
         for message in messages:
             self.counters.messages_in[type(message).__name__] += 1
-            self._handle(message, from_addr)
+            try:
+                self._handle(message, from_addr)
+            except Exception:
+                # One bad message (or a bug) must not cost us the rest of the packet.
+                self._log.failure("failed to handle {message!r}", message=message)
 
     def answer_stream_ping(self, ping: Ping) -> AckResp | None:
         """The ack for a ping that came over TCP, or None if it is for another node."""
@@ -607,6 +632,9 @@ class SwimNode:
                 if handler is not None and handler.on_nack is not None:
                     handler.on_nack()
             case Alive():
+                if message.port == 0:
+                    # Protocol 1 sent no port: it was the same as ours.
+                    message = attrs.evolve(message, port=self._port)
                 self._alive_node(message)
             case Suspect():
                 self._suspect_node(message)
@@ -616,7 +644,7 @@ class SwimNode:
                 pass
 
     def _reply_address(self, addr: bytes, port: int, from_addr: Address) -> Address:
-        if addr and port > 0:
+        if _valid_address(addr, port) and port > 0:
             return (host_of(addr), port)
         return from_addr
 
@@ -634,7 +662,10 @@ class SwimNode:
         self._send_msg(to, AckResp(ping.seq_no), extra)
 
     def _handle_indirect_ping(self, ind: IndirectPing, from_addr: Address) -> None:
+        # Protocol 1 sent no port: it was the same as ours.
         port = ind.port or self._port
+        if not _valid_address(ind.target, port):
+            return
         seq_no = self._next_seq_no()
         requester = self._reply_address(ind.source_addr, ind.source_port, from_addr)
         acked = False
@@ -681,6 +712,9 @@ class SwimNode:
     def _alive_node(self, a: Alive, bootstrap: bool = False) -> None:
         if self._left and a.node == self.name:
             return
+        if not _valid_address(a.addr, a.port) or not a.node:
+            self._log.warn("ignoring alive for {node}: bad address", node=a.node)
+            return
         if len(a.vsn) >= 3:
             pmin, pmax = a.vsn[0], a.vsn[1]
             if pmin == 0 or pmax == 0 or pmin > pmax:
@@ -689,6 +723,10 @@ class SwimNode:
         state = self._members.get(a.node)
         updates_node = False
         now = self._clock.seconds()
+        if state is None and a.incarnation == 0:
+            # Members start at incarnation 1: this is no news (memberlist would keep a
+            # phantom dead entry for it).
+            return
         if state is None:
             state = Member(a.node, a.addr, a.port, a.meta, 0, NodeState.DEAD, now, a.vsn)
             self._members[a.node] = state
@@ -903,7 +941,10 @@ class SwimNode:
     def _send_packet(self, addr: Address, messages: list[Message]) -> None:
         for m in messages:
             self.counters.messages_out[type(m).__name__] += 1
-        self._send(addr, messages)
+        try:
+            self._send(addr, messages)
+        except Exception:
+            self._log.failure("failed to send to {addr}", addr=addr)
 
     # -- helpers ----------------------------------------------------------------------
 

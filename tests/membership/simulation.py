@@ -145,13 +145,15 @@ class NodeClock:
         self.shared = shared
         self.paused = False
         self.frozen: list[_Call] = []
+        #: A lagging event loop runs every timer this much late.
+        self.lag = 0.0
 
     def seconds(self) -> float:
         return self.shared.rightNow
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         func = partial(callable, *args, **kw) if args or kw else callable
-        return self.shared.call_at(self.shared.rightNow + delay, func, self)
+        return self.shared.call_at(self.shared.rightNow + delay + self.lag, func, self)
 
     def getDelayedCalls(self) -> list[IDelayedCall]:
         return []
@@ -212,7 +214,9 @@ class Simulation:
         self.latency = latency
         self.jitter = jitter
         self.loss = loss
+        #: Loss and extra delay of one direction of one link, by (sender, receiver) name.
         self.link_loss: dict[tuple[str, str], float] = {}
+        self.link_delay: dict[tuple[str, str], float] = {}
         self.nodes: dict[str, SimNode] = {}
         self.by_address: dict[Address, SimNode] = {}
         self.partition_of: dict[str, int] = {}
@@ -295,9 +299,11 @@ class Simulation:
         """Thaw ``name``: what came due while paused runs now, in order."""
         self.nodes[name].clock.resume()
 
-    def set_slow(self, name: str, delivery_lag: float) -> None:
-        """``name`` handles every incoming packet ``delivery_lag`` seconds late."""
+    def set_slow(self, name: str, delivery_lag: float, timer_lag: float = 0.0) -> None:
+        """``name`` handles every incoming packet ``delivery_lag`` seconds late and runs
+        every timer ``timer_lag`` seconds late."""
         self.nodes[name].delivery_lag = delivery_lag
+        self.nodes[name].clock.lag = timer_lag
 
     def partition(self, *groups: list[str]) -> None:
         """Only members of the same group can talk; nodes in no group talk to no one."""
@@ -391,6 +397,7 @@ class Simulation:
             self.packets_dropped += 1
             return
         delay = self.latency + self.rng.random() * self.jitter + target.delivery_lag
+        delay += self.link_delay.get((sender.name, target.name), 0.0)
         packet = list(messages)
         from_addr = sender.address
 
@@ -399,7 +406,7 @@ class Simulation:
                 target.swim.handle_packet(packet, from_addr)
 
         # Through the receiver's clock, so a paused receiver holds it in its inbox.
-        target.clock.callLater(delay, deliver)
+        self.clock.call_at(self.clock.rightNow + delay, deliver, target.clock)
 
     def _reachable_over_tcp(self, initiator: SimNode, peer: SimNode | None) -> bool:
         return (

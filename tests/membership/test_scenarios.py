@@ -31,6 +31,57 @@ def converged_cluster(
     return sim, names
 
 
+class HarnessTests(SynchronousTestCase):
+    """The simulation itself: the faults it injects are the faults asked for."""
+
+    def test_a_paused_node_runs_nothing_until_resumed_then_all_in_order(self) -> None:
+        sim = Simulation(LAN)
+        sim.add_node("a", start=False)
+        clock = sim.nodes["a"].clock
+        ran: list[tuple[str, float]] = []
+        clock.callLater(1.0, lambda: ran.append(("first", sim.now())))
+        clock.callLater(2.0, lambda: ran.append(("second", sim.now())))
+        sim.pause("a")
+        sim.run(5)
+        self.assertEqual(ran, [])
+        sim.resume("a")
+        self.assertEqual(ran, [("first", 5.0), ("second", 5.0)])
+
+    def test_partitions_drop_packets_between_groups_only(self) -> None:
+        sim, names = converged_cluster(4)
+        a, b, c, d = names
+        sim.partition([a, b], [c, d])
+        got: list[str] = []
+        for name in names:
+            sim.nodes[name].swim.stop()  # only our two packets are in flight
+            sim.nodes[name].swim.handle_packet = lambda msgs, addr, n=name: got.append(n)
+        sim._send(sim.nodes[a], sim.nodes[b].address, [Suspect(1, "x", "y")])
+        sim._send(sim.nodes[a], sim.nodes[c].address, [Suspect(1, "x", "y")])
+        sim.run(0.1)
+        self.assertEqual(got, [b])
+
+    def test_link_delay_and_timer_lag(self) -> None:
+        sim, names = converged_cluster(2)
+        a, b = names
+        for name in names:
+            sim.nodes[name].swim.stop()
+        sim.run(1)  # let what is in flight land
+        sim.link_delay[(a, b)] = 0.5
+        got: list[float] = []
+        sim.nodes[b].swim.handle_packet = lambda msgs, addr: got.append(sim.now())
+        sent_at = sim.now()
+        sim._send(sim.nodes[a], sim.nodes[b].address, [Suspect(1, "x", "y")])
+        sim.run(1)
+        self.assertEqual(len(got), 1)
+        self.assertGreaterEqual(got[0] - sent_at, 0.5)
+        sim.set_slow(a, 0.0, timer_lag=0.25)
+        fired: list[float] = []
+        start = sim.now()
+        sim.nodes[a].clock.callLater(1.0, lambda: fired.append(sim.now() - start))
+        sim.run(2)
+        self.assertEqual(fired, [1.25])
+
+
 class JoinTests(SynchronousTestCase):
     def test_a_hundred_nodes_converge(self) -> None:
         started = time.monotonic()

@@ -593,6 +593,43 @@ class RestartedMemberTests(SynchronousTestCase):
         self.assertEqual(h.node.incarnation, 101)
 
 
+class BadInputTests(SynchronousTestCase):
+    def test_an_alive_with_a_malformed_address_is_ignored(self) -> None:
+        h = Harness()
+        h.node.handle_packet([Alive(1, "p2", b"\x01\x02\x03", 7946, b"")], ("x", 1))
+        h.node.handle_packet([Alive(1, "p3", ip(3), 70000, b"")], ("x", 1))
+        self.assertEqual([m.name for m in h.node.members()], ["me"])
+
+    def test_a_bad_message_does_not_cost_the_rest_of_the_packet(self) -> None:
+        h = Harness()
+        bad = IndirectPing(1, b"\x01", 7946, "p9", True)
+        h.node.handle_packet([bad, Alive(1, "p2", ip(2), 7946, b"")], ("x", 1))
+        self.assertEqual(h.state("p2"), NodeState.ALIVE)
+
+    def test_unknown_members_at_incarnation_zero_are_no_news(self) -> None:
+        h = Harness()
+        h.node.handle_packet([Alive(0, "p2", ip(2), 7946, b"")], ("x", 1))
+        self.assertIsNone(h.node.member("p2"))
+
+    def test_an_alive_without_a_port_means_ours(self) -> None:
+        h = Harness()
+        h.node.handle_packet([Alive(1, "p2", ip(2), 0, b"")], ("x", 1))
+        m = h.node.member("p2")
+        assert m is not None
+        self.assertEqual(m.port, 7946)
+
+    def test_a_failing_send_is_logged_not_raised(self) -> None:
+        h = Harness()
+
+        def broken(addr: tuple[str, int], msgs: list[Message]) -> None:
+            raise OSError("network is unreachable")
+
+        h.node._send = broken
+        h.node.handle_packet([Ping(1, "me", ip(3), 7946, "p3")], ("x", 1))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(h.node.counters.messages_out["AckResp"], 1)
+
+
 class AddressTests(SynchronousTestCase):
     def test_raw_addresses_print_as_hosts(self) -> None:
         self.assertEqual(host_of(ip(2)), "10.0.0.2")

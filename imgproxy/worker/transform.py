@@ -703,10 +703,12 @@ def _encode(
         if out_format == "gif":
             # Whole frames with alpha: clear each before the next is drawn.
             options["disposal"] = 2
+            # No loop count (no NETSCAPE block) means "play once".
             if loop is not None:
                 options["loop"] = loop
         else:
-            options["loop"] = loop or 0
+            # WebP always has a count: 0 is forever, 1 is once.
+            options["loop"] = 1 if loop is None else loop
     buffer = io.BytesIO()
     first.save(buffer, _PILLOW_FORMATS[out_format], **options)
     return buffer.getvalue()

@@ -384,6 +384,15 @@ class AnimationTests(SynchronousTestCase):
                 self.assertTrue(close(out.convert("RGB").getpixel((35, 25)), colour), (fmt, index))
                 self.assertEqual(out.info.get("duration"), 70, (fmt, index))
 
+    def test_an_animation_that_plays_once_still_plays_once(self) -> None:
+        frames = images.animation_frames(2, 20, 20)
+        source = images.encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+        self.assertNotIn("loop", images.decode(source).info)
+        gif = images.decode(transform_image(source, spec(), LIMITS).body)
+        self.assertEqual((gif.n_frames, gif.info.get("loop")), (2, None))
+        webp = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
+        self.assertEqual((webp.n_frames, webp.info.get("loop")), (2, 1))
+
     def test_animated_webp_stays_animated(self) -> None:
         result = transform_image(images.animated_webp(4), spec(height=30), LIMITS)
         out = images.decode(result.body)

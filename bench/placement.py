@@ -150,7 +150,7 @@ def ideal_busiest_over_mean(keys: int, count: int, trials: int, rng: random.Rand
     return results
 
 
-def balance(keys: Sequence[str], count: int, key_sets: int, trials: int) -> list[str]:
+def balance(keys: Sequence[str], count: int, key_sets: int, trials: int, large: int) -> list[str]:
     members = make_workers(count)
     lines = [
         f"Keys per worker, {len(keys):,} URLs over {count} workers: busiest / mean "
@@ -179,6 +179,15 @@ def balance(keys: Sequence[str], count: int, key_sets: int, trials: int) -> list
         f"An ideal placement (every key on a uniformly random worker, {trials} trials) gives "
         f"median {statistics.median(ideal):.3f}, min {min(ideal):.3f}, max {max(ideal):.3f}, "
         f"and is <= 1.05 in {under:.0%} of trials.",
+    ]
+    many = owners_rendezvous(members, make_keys(large, salt="large/"))
+    ideal_many = ideal_busiest_over_mean(large, count, 5, rng)
+    lines += [
+        "",
+        f"With {large:,} URLs the sampling noise is {math.sqrt(len(keys) / large):.2f} times as "
+        f"large: rendezvous gives busiest / mean {busiest_over_mean(many, count):.3f} "
+        f"(chi-square {chi_square(many, count):.1f}); the ideal placement gives "
+        f"{statistics.median(ideal_many):.3f} (median of 5 trials).",
     ]
     return lines
 
@@ -460,7 +469,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections = [
         ["## Key placement", ""],
         movement(keys, [4, 16, 64]),
-        balance(keys, 64, key_sets=3 if quick else 10, trials=20 if quick else 200),
+        balance(
+            keys,
+            64,
+            key_sets=3 if quick else 10,
+            trials=20 if quick else 200,
+            large=100_000 if quick else 1_000_000,
+        ),
         bounded_load(quick),
         cost([3, 16, 64], quick),
     ]

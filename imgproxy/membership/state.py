@@ -302,6 +302,8 @@ class SwimNode:
                 self._probe.direct_timer.cancel()
         self._probe = None
         self._probe_pending = False
+        # A leave still waiting for its goodbye to go out never will now.
+        self._finish_leave(False)
 
     def join(self, seeds: list[Address]) -> None:
         """Ask the shell for a joining push-pull with every seed address."""
@@ -335,8 +337,10 @@ class SwimNode:
 
     def update_meta(self, meta: bytes) -> None:
         """Change our metadata and gossip it under a new incarnation."""
-        me = self._members[self.name]
+        me = self._members.get(self.name)
         self._meta = meta
+        if me is None:
+            return  # not started: start() announces the new metadata
         alive = Alive(self._next_incarnation(), self.name, me.addr, me.port, meta, self._vsn)
         self._alive_node(alive, bootstrap=True)
 

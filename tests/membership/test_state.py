@@ -183,6 +183,14 @@ class AliveTests(SynchronousTestCase):
         h.add_peer(2, vsn=(3, 2, 2, 0, 0, 0))
         self.assertIsNone(h.node.member("p2"))
 
+    def test_metadata_set_before_start_is_announced_at_start(self) -> None:
+        h = Harness(start=False)
+        h.node.update_meta(b"early")
+        h.node.start()
+        me = h.node.member("me")
+        assert me is not None
+        self.assertEqual((me.incarnation, me.meta), (1, b"early"))
+
     def test_update_meta_bumps_our_incarnation_and_gossips_it(self) -> None:
         h = Harness()
         h.node.update_meta(b"m1")
@@ -526,6 +534,13 @@ class LeaveTests(SynchronousTestCase):
         h.node.stop()
         d = h.node.leave(2.0)
         h.clock.advance(2.0)
+        self.assertIs(self.successResultOf(d), False)
+
+    def test_stopping_during_a_leave_resolves_it_false(self) -> None:
+        h = Harness()
+        h.add_peer(2)
+        d = h.node.leave(60.0)
+        h.node.stop()
         self.assertIs(self.successResultOf(d), False)
 
     def test_after_leaving_accusations_are_not_refuted(self) -> None:

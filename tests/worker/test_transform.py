@@ -148,6 +148,43 @@ class FitTests(SynchronousTestCase):
         self.assertEqual((result.output_format, result.content_type), ("png", "image/png"))
 
 
+class DraftedJpegFitTests(SynchronousTestCase):
+    """The same fits from a JPEG large enough to be decoded at 1/2..1/8 scale."""
+
+    def setUp(self) -> None:
+        thirds = images.stripes(2400, 800, (images.RED, images.GREEN, images.BLUE))
+        self.source = images.encode(thirds, "JPEG", quality=95)
+
+    def transform(self, **fields: object) -> Image.Image:
+        result = transform_image(self.source, spec(**fields), LIMITS)
+        output = images.decode(result.body)
+        self.assertEqual(output.size, (result.width, result.height))
+        return output
+
+    def test_contain(self) -> None:
+        out = self.transform(width=150, height=150)
+        self.assertEqual(out.size, (150, 50))
+        self.assertTrue(close(out.getpixel((5, 25)), images.RED))
+        self.assertTrue(close(out.getpixel((75, 25)), images.GREEN))
+        self.assertTrue(close(out.getpixel((144, 25)), images.BLUE))
+
+    def test_cover_crops_the_centre_of_the_drafted_image(self) -> None:
+        out = self.transform(width=50, height=50, fit="cover")
+        self.assertEqual(out.size, (50, 50))
+        for xy in ((1, 1), (48, 48), (25, 25)):
+            self.assertTrue(close(out.getpixel(xy), images.GREEN), xy)
+
+    def test_fill(self) -> None:
+        out = self.transform(width=90, height=120, fit="fill")
+        self.assertEqual(out.size, (90, 120))
+        self.assertTrue(close(out.getpixel((5, 110)), images.RED))
+        self.assertTrue(close(out.getpixel((85, 60)), images.BLUE))
+
+    def test_one_side(self) -> None:
+        self.assertEqual(self.transform(width=61).size, (61, 20))
+        self.assertEqual(self.transform(height=7).size, (21, 7))
+
+
 class FormatTests(SynchronousTestCase):
     """Each output format, from each kind of source."""
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -41,7 +42,7 @@ from imgproxy.membership.messages import (  # noqa: E402
     PushNodeState,
     PushPull,
 )
-from imgproxy.membership.tags import encode_tags  # noqa: E402
+from imgproxy.membership.tags import SerfState, encode_serf_state, encode_tags  # noqa: E402
 from imgproxy.membership.wire import (  # noqa: E402
     StreamDecoder,
     WireError,
@@ -59,11 +60,22 @@ PORT = 7946
 FAKE_NAME = "fake"
 FAKE_TAGS = {"role": "gateway", "http": "8081"}
 VSN = (1, 5, 2, 2, 5, 5)  # what serf 0.9 advertises: memberlist 1..5 (speaks 2), serf 2..5
-KEEP_PER_KIND = 3
+KEEP_PER_KIND = 2
 
 
 def _describe(messages: list[Message]) -> str:
     return ",".join(type(m).__name__ for m in messages)
+
+
+def _details(messages: list[Message]) -> list[str]:
+    """``Type:node`` for every message, so trimming keeps each distinct fact once."""
+    details = []
+    for msg in messages:
+        if isinstance(msg, PushPull):
+            details += [f"PushPull:{s.name}" for s in msg.states]
+        else:
+            details.append(f"{type(msg).__name__}:{getattr(msg, 'node', '')}")
+    return details
 
 
 def _ip(addr: str) -> bytes:
@@ -75,7 +87,7 @@ class FakeMember:
 
     def __init__(self, keyring: Keyring | None) -> None:
         self.keyring = keyring
-        self.records: list[dict[str, object]] = []
+        self.records: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -103,7 +115,19 @@ class FakeMember:
             vsn=VSN,
         )
 
-    def record(self, transport: str, direction: str, peer: str, data: bytes, kind: str) -> None:
+    def serf_state(self) -> bytes:
+        # serf logs an error on a push-pull without its user state
+        return encode_serf_state(SerfState(ltime=1, status_ltimes={FAKE_NAME: 1}))
+
+    def record(
+        self,
+        transport: str,
+        direction: str,
+        peer: str,
+        data: bytes,
+        kind: str,
+        messages: list[Message] | None = None,
+    ) -> None:
         with self.lock:
             self.records.append(
                 {
@@ -111,6 +135,7 @@ class FakeMember:
                     "direction": direction,
                     "peer": peer,
                     "kind": kind,
+                    "details": _details(messages or []),
                     "hex": data.hex(),
                     "t": round(time.monotonic(), 3),
                 }
@@ -148,7 +173,7 @@ class FakeMember:
             except WireError as e:
                 self.record("udp", "in", host, data, f"UNDECODABLE: {e}")
                 continue
-            self.record("udp", "in", host, data, _describe(messages))
+            self.record("udp", "in", host, data, _describe(messages), messages)
             for msg in messages:
                 if isinstance(msg, Ping) and msg.node == FAKE_NAME:
                     to = socket.inet_ntoa(msg.source_addr) if msg.source_addr else host
@@ -182,7 +207,7 @@ class FakeMember:
         except (WireError, OSError) as e:
             self.record("tcp", "in", host, b"", f"UNDECODABLE: {e}")
             return
-        self.record("tcp", "in", host, raw, _describe(messages))
+        self.record("tcp", "in", host, raw, _describe(messages), messages)
         msg = messages[0]
         if isinstance(msg, PushPull):
             # Echo serf's own user state: serf logs an error on an empty one.
@@ -204,7 +229,7 @@ class FakeMember:
             except (WireError, OSError) as e:
                 self.record("tcp", "in", to, b"", f"UNDECODABLE ({kind}): {e}")
                 return
-            self.record("tcp", "in", to, raw, f"{_describe(messages)} (reply to {kind})")
+            self.record("tcp", "in", to, raw, f"{_describe(messages)} (reply to {kind})", messages)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -299,7 +324,8 @@ def scenario(encrypt: bytes | None, workdir: Path) -> dict[str, object]:
             A_IP,
         )
         fake.dial(A_IP, Ping(seq_no=fake.next_seq(), node="a"), "stream ping")
-        fake.dial(A_IP, PushPull(join=False, states=(fake.state(),)), "push-pull", compress=True)
+        ours = PushPull(join=False, states=(fake.state(),), user_state=fake.serf_state())
+        fake.dial(A_IP, ours, "push-pull", compress=True)
         ghost = IndirectPing(
             seq_no=fake.next_seq(),
             target=_ip(GHOST_IP),
@@ -351,15 +377,18 @@ def scenario(encrypt: bytes | None, workdir: Path) -> dict[str, object]:
     return {"notes": notes, "records": fake.records}
 
 
-def _trim(records: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Keep the first few records of each kind, so the fixtures stay small."""
-    seen: dict[tuple[object, ...], int] = {}
+def _trim(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep each record that shows something new, and a few of each kind besides."""
+    seen_details: set[str] = set()
+    per_kind: dict[tuple[object, ...], int] = {}
     kept = []
     for rec in records:
-        key = (rec["transport"], rec["peer"], rec["kind"], len(str(rec["hex"])) // 400)
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] <= KEEP_PER_KIND:
+        key = (rec["transport"], rec["peer"], rec["kind"])
+        per_kind[key] = per_kind.get(key, 0) + 1
+        new = set(rec["details"]) - seen_details
+        if new or per_kind[key] <= KEEP_PER_KIND:
             kept.append(rec)
+            seen_details |= new
     return kept
 
 
@@ -379,13 +408,14 @@ def main() -> None:
             "notes": result["notes"],
             "records": _trim(records),
         }
+        lines = [line for text in logs.values() for line in text.splitlines()]
+        problems = [line for line in lines if "[ERR]" in line or "[WARN]" in line]
+        fixture["serf_log_problems"] = problems
         path = FIXTURES / f"serf_{name}.json"
         path.write_text(json.dumps(fixture, indent=1) + "\n")
         kinds = sorted({str(r["kind"]) for r in records})
         print(f"{path}: {len(records)} records, kinds: {kinds}")
-        lines = [line for text in logs.values() for line in text.splitlines()]
-        errors = [line for line in lines if "[ERR]" in line or "[WARN]" in line]
-        print(f"serf log: {len(lines)} lines; [ERR]/[WARN] ({name}):", *errors[:30], sep="\n  ")
+        print(f"serf log: {len(lines)} lines; [ERR]/[WARN] ({name}):", *problems[:30], sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     children[b"health"] = HealthResource(health)
     children[b"metrics"] = MetricsResource(metrics)
     children[b"status.json"] = StatusJson(status)
-    site = NodeSite(NodeRoot(children, index=StatusPage(status)))
+    site = NodeSite(NodeRoot(children, index=StatusPage(status)), reactor)
     DrainService(site, reactor).setServiceParent(root)
     strports.service(config.http, site, reactor=reactor).setServiceParent(root)
 

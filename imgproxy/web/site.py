@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -76,27 +77,67 @@ class TrackedRequest(Request):
 
 
 class NodeSite(Site):
-    """A ``Site`` that counts in-flight requests and logs through ``twisted.logger``."""
+    """A ``Site`` that counts in-flight requests and writes a batched access log.
 
-    _log = Logger(namespace="imgproxy.access")
+    One log event per request cost a fifth of a cache hit's CPU (formatting
+    and one write per line), so access lines are collected and logged as one
+    event per batch: every ``flush_interval`` or every ``batch_size`` lines.
+    Each event still carries the structured ``requests`` for a JSON observer.
+    """
+
+    _log = Logger()
     displayTracebacks = False
     requestFactory = TrackedRequest
 
-    def __init__(self, resource: IResource) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        flush_interval: float = 1.0,
+        batch_size: int = 256,
+    ) -> None:
         super().__init__(resource)
         self.in_flight = 0
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._pending: list[tuple[str, str, str, int, int]] = []
+        self._flush_call: IDelayedCall | None = None
 
     def request_done(self, _: object) -> None:
         self.in_flight -= 1
 
     def log(self, request: Request) -> None:
+        client = request.getClientAddress()
+        self._pending.append((
+            getattr(client, "host", "-"),
+            request.method.decode("latin-1"),
+            request.uri[:2048].decode("latin-1"),
+            request.code,
+            request.sentLength,
+        ))
+        if len(self._pending) >= self._batch_size:
+            self.flush_access_log()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(self._flush_interval, self.flush_access_log)
+
+    def flush_access_log(self) -> None:
+        """Log every pending access line as one event."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         self._log.info(
-            '{client} "{method} {uri}" {status} {length}',
-            client=request.getClientAddress().host
-            if hasattr(request.getClientAddress(), "host")
-            else "-",
-            method=request.method.decode("latin-1"),
-            uri=request.uri.decode("latin-1")[:2048],
-            status=request.code,
-            length=request.sentLength,
+            "{access_lines}",
+            access_lines="\n".join(f'{c} "{m} {u}" {s} {n}' for c, m, u, s, n in pending),
+            requests=[
+                {"client": c, "method": m, "uri": u, "status": s, "length": n}
+                for c, m, u, s, n in pending
+            ],
         )
+
+    def stopFactory(self) -> None:
+        self.flush_access_log()
+        super().stopFactory()

@@ -209,6 +209,9 @@ class MsgpackMap(list[tuple[Any, Any]]):
     """
 
 
+_SIMPLE_VALUES: dict[int, Any] = {0xC0: None, 0xC2: False, 0xC3: True}
+
+
 class _Reader:
     """Reads msgpack values from ``data`` at ``pos``; raises ``_IncompleteError`` at the end."""
 
@@ -260,9 +263,8 @@ class _Reader:
             return self._array(b & 0x0F, depth)
         if 0xA0 <= b <= 0xBF:
             return _Raw(self.take(b & 0x1F))
-        simple: dict[int, Any] = {0xC0: None, 0xC2: False, 0xC3: True}
-        if b in simple:
-            return simple[b]
+        if b in _SIMPLE_VALUES:
+            return _SIMPLE_VALUES[b]
         if b in (0xC4, 0xD9):
             return _Raw(self.take(self.uint(1)))
         if b in (0xC5, 0xDA):
@@ -396,6 +398,18 @@ def _node_state(fields: dict[str, Any]) -> NodeState:
         raise WireError(f"State: unknown node state {value}") from e
 
 
+# Go's field widths: a value beyond them would be refused by every Go peer's decoder.
+_FIELD_BITS = {"SeqNo": 32, "Incarnation": 32, "Port": 16, "SourcePort": 16}
+
+
+def _checked(fields: dict[str, Any]) -> dict[str, Any]:
+    for name, bits in _FIELD_BITS.items():
+        value = fields.get(name)
+        if value is not None and not 0 <= value < (1 << bits):
+            raise ValueError(f"{name} must fit in uint{bits}: {value}")
+    return fields
+
+
 def _check_vsn(vsn: tuple[int, ...]) -> bytes:
     if not all(0 <= v <= 0xFF for v in vsn):
         raise ValueError(f"Vsn values must be uint8: {vsn!r}")
@@ -527,7 +541,7 @@ def _encode_push_pull(msg: PushPull) -> bytes:
     header = {"Join": msg.join, "Nodes": len(msg.states), "UserStateLen": len(msg.user_state)}
     pack_value(header, out)
     for state in msg.states:
-        pack_value(_push_node_state_fields(state), out)
+        pack_value(_checked(_push_node_state_fields(state)), out)
     out += msg.user_state
     return bytes(out)
 
@@ -544,7 +558,7 @@ def encode_message(msg: Message) -> bytes:
     if isinstance(msg, PushPull):
         return _encode_push_pull(msg)
     msg_type, fields = _body(msg)
-    return bytes(pack_value(fields, bytearray((msg_type,))))
+    return bytes(pack_value(_checked(fields), bytearray((msg_type,))))
 
 
 _STRUCT_DECODERS: dict[int, Any] = {

@@ -479,6 +479,17 @@ class MessageRoundTripTests(SynchronousTestCase):
     def test_any_message(self, msg: Message) -> None:
         self.assertEqual(decode_message(encode_message(msg)), msg)
 
+    def test_values_go_could_not_decode_are_refused_when_encoding(self) -> None:
+        for msg in (
+            Ping(seq_no=2**32, node="x"),
+            Alive(incarnation=-1, node="x", addr=b"", port=1),
+            IndirectPing(seq_no=1, target=b"", port=70000, node="x"),
+            Alive(incarnation=1, node="x", addr=b"", port=1, vsn=(256,)),
+            PushPull(join=False, states=(PushNodeState("x", b"", 65536, b"", 1, NodeState.DEAD),)),
+        ):
+            with self.assertRaises(ValueError, msg=repr(msg)):
+                encode_message(msg)
+
     def test_user_message_in_a_packet_is_its_raw_payload(self) -> None:
         self.assertEqual(encode_message(UserMsg(payload=b"\x01xy")), b"\x08\x01xy")
 

@@ -21,6 +21,8 @@ from imgproxy.metrics import NodeMetrics
 from imgproxy.params import ImageRequest, TransformSpec, parse_image_query, parse_purge_query
 from imgproxy.worker.cache import CacheEntry
 
+PARSED_MEMO_SIZE = 8192
+
 
 class ImageBackend(Protocol):
     """Where images come from: the local worker (standalone) or the cluster (gateway)."""
@@ -108,13 +110,27 @@ class ImageResource(JsonResource):
         self._signing_key = signing_key
         self._cache_control = f"public, max-age={max_age}".encode("ascii")
         self._timer = timer
+        self._parsed: dict[tuple[bytes, bytes | None], ImageRequest] = {}
+
+    def _parse(self, raw_query: bytes, accept: bytes | None) -> ImageRequest:
+        """``parse_image_query``, remembered: hot images are asked for again and again.
+
+        Only valid (and, with a signing key, correctly signed) queries are
+        remembered, keyed by the raw query and, for ``format=auto``, the Accept.
+        """
+        parsed = self._parsed.get((raw_query, None)) or self._parsed.get((raw_query, accept))
+        if parsed is not None:
+            return parsed
+        parsed = parse_image_query(raw_query, accept, self._signing_key)
+        if len(self._parsed) >= PARSED_MEMO_SIZE:
+            self._parsed.clear()
+        self._parsed[(raw_query, accept if parsed.varies_on_accept else None)] = parsed
+        return parsed
 
     def render_GET(self, request: Request) -> bytes | int:
         started = self._timer()
         try:
-            parsed = parse_image_query(
-                raw_query_of(request), request.getHeader(b"accept"), self._signing_key
-            )
+            parsed = self._parse(raw_query_of(request), request.getHeader(b"accept"))
         except ProxyError as error:
             self._metrics.count_request("image", error.status)
             return write_error(request, error)

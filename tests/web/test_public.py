@@ -127,6 +127,14 @@ class ImageResourceTests(TestCase):
         self.assertEqual(self.backend.served[-1].output_format, "webp")
 
     @inlineCallbacks
+    def test_remembered_queries_still_follow_each_accept(self):
+        for accept, expected in [("image/webp", "webp"), ("image/avif", "avif"),
+                                 ("image/png", None), ("image/webp", "webp")]:
+            yield self.get(BASE + "&format=auto&w=7", accept=accept)
+            self.assertEqual(self.backend.served[-1].output_format, expected, accept)
+            self.backend.cache.clear()
+
+    @inlineCallbacks
     def test_bad_parameters_are_json_400(self):
         for query in ["", "?w=1", "?url=ftp%3A%2F%2Fx", BASE[len("http://proxy.example/image"):]
                       + "&w=0", "?url=http%3A%2F%2Fx%2F&fit=zoom"]:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -555,7 +555,9 @@ class SwimNode:
             def failed(reason: object) -> None:
                 self._log.debug("fallback ping of {member} failed", member=target.name)
 
-            self._tcp_ping(target.address, ping, timeout).addCallbacks(contacted, failed)
+            maybeDeferred(self._tcp_ping, target.address, ping, timeout).addCallbacks(
+                contacted, failed
+            )
 
     def _end_probe(self, probe: _Probe, success: bool = False) -> None:
         if probe.done:

@@ -81,6 +81,38 @@ class OutputGeometryTests(SynchronousTestCase):
         g = output_geometry(4000, 2, 100, None, "contain")
         self.assertEqual((g.width, g.height), (100, 1))
 
+    @settings(max_examples=300, deadline=None)
+    @given(
+        width=st.integers(1, 10_000),
+        height=st.integers(1, 10_000),
+        box_width=st.one_of(st.none(), st.integers(1, 8192)),
+        box_height=st.one_of(st.none(), st.integers(1, 8192)),
+        fit=st.sampled_from(("contain", "cover", "fill")),
+    )
+    def test_the_rules_hold_for_any_size(
+        self, width: int, height: int, box_width: int | None, box_height: int | None, fit: str
+    ) -> None:
+        g = output_geometry(width, height, box_width, box_height, fit)
+        both = box_width is not None and box_height is not None
+        self.assertGreaterEqual(min(g.width, g.height), 1)
+        self.assertTrue(0 < g.crop_width <= width and 0 < g.crop_height <= height)
+        if both and fit in ("cover", "fill"):
+            self.assertEqual((g.width, g.height), (box_width, box_height))
+        else:
+            # Never larger than the source, never outside the box.
+            self.assertLessEqual(g.width, width)
+            self.assertLessEqual(g.height, height)
+            self.assertLessEqual(g.width, box_width or width)
+            self.assertLessEqual(g.height, box_height or height)
+        if not (both and fit == "fill"):
+            # The aspect ratio of what is kept: one side follows from the other
+            # to within a pixel (rounding, and never less than one pixel).
+            kept = g.crop_width / g.crop_height
+            self.assertTrue(
+                abs(g.width - g.height * kept) <= 1 or abs(g.height - g.width / kept) <= 1,
+                (g, kept),
+            )
+
     def test_swapped_exchanges_the_axes(self) -> None:
         g = Geometry(400, 300, 300, 300, 100, 100).swapped()
         self.assertEqual(g, Geometry(300, 400, 300, 300, 100, 100))

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -27,7 +28,7 @@ from imgproxy.membership.keyring import Keyring
 from imgproxy.membership.messages import AckResp, Message, NodeState, Ping, PushPull
 from imgproxy.membership.profiles import Profile
 from imgproxy.membership.state import Address, Member, MemberEvent, SwimNode
-from imgproxy.membership.tags import decode_tags, encode_tags
+from imgproxy.membership.tags import SerfState, decode_tags, encode_serf_state, encode_tags
 from imgproxy.membership.wire import (
     StreamDecoder,
     WireError,
@@ -39,6 +40,8 @@ from imgproxy.membership.wire import (
 )
 
 PROTOCOL_VERSION = 2
+CRC_OVERHEAD = 5  # hasCrcMsg byte + CRC32
+ENCRYPTION_OVERHEAD = 29  # version byte, 12-byte nonce, 16-byte GCM tag
 # Delegate versions as serf advertises them: serf refuses members whose
 # delegate range does not include its own protocol version.
 DELEGATE_VSN = (2, 5, 4)
@@ -100,15 +103,20 @@ class GossipProtocol(DatagramProtocol):
 
 
 class _StreamProtocol(Protocol):
-    """One TCP connection of push-pull or a TCP ping, in either direction."""
+    """One TCP connection of push-pull or a TCP ping, in either direction.
+
+    ``outbound`` is what the dialing side sends (a push-pull or a ping); the
+    accepting side has none and answers what it reads. ``finished`` fires with
+    the answer (a ``PushPull`` or an ``AckResp``), or None on any failure.
+    """
 
     _log = Logger()
 
-    def __init__(self, membership: MembershipService, outbound: PushPull | None) -> None:
+    def __init__(self, membership: MembershipService, outbound: PushPull | Ping | None) -> None:
         self._membership = membership
         self._outbound = outbound
         self._decoder = StreamDecoder(membership.keyring, inbound=outbound is None)
-        self.finished: Deferred[PushPull | None] = Deferred()
+        self.finished: Deferred[Message | None] = Deferred()
         self._done = False
 
     def connectionMade(self) -> None:
@@ -144,7 +152,7 @@ class _StreamProtocol(Protocol):
         if isinstance(message, PushPull):
             if self._outbound is None:
                 # Accepting side: answer with our state, then fold theirs in.
-                self.transport.write(self._encode(membership.node.local_state(message.join)))
+                self.transport.write(self._encode(membership.local_state(message.join)))
                 membership.merge(message)
                 self._finish(message)
                 self.transport.loseConnection()
@@ -154,15 +162,19 @@ class _StreamProtocol(Protocol):
                 self.transport.loseConnection()
         elif isinstance(message, Ping) and self._outbound is None:
             # memberlist's TCP fallback ping: acknowledge it on the stream.
-            if message.node in ("", membership.node.name):
-                self.transport.write(self._encode(AckResp(message.seq_no)))
+            ack = membership.node.answer_stream_ping(message)
+            if ack is not None:
+                self.transport.write(self._encode(ack))
             self._finish(None)
+            self.transport.loseConnection()
+        elif isinstance(message, AckResp) and isinstance(self._outbound, Ping):
+            self._finish(message)
             self.transport.loseConnection()
         else:
             self._finish(None)
             self.transport.loseConnection()
 
-    def _finish(self, result: PushPull | None) -> None:
+    def _finish(self, result: Message | None) -> None:
         if self._done:
             return
         self._done = True
@@ -229,6 +241,9 @@ class MembershipService(Service):
             request_push_pull=self._request_push_pull,
             rng=rng or random.Random(),
             vsn=(1, 5, PROTOCOL_VERSION, *DELEGATE_VSN),
+            size_of=lambda message: len(encode_message(message)),
+            packet_overhead=CRC_OVERHEAD + (ENCRYPTION_OVERHEAD if keyring else 0),
+            tcp_ping=self._tcp_ping,
         )
         self._udp: Any = None
         self._tcp: Any = None
@@ -372,13 +387,33 @@ class MembershipService(Service):
     def _request_push_pull(self, addr: Address, join: bool) -> None:
         self._push_pull(addr, join).addErrback(lambda _: None)
 
+    def local_state(self, join: bool) -> PushPull:
+        """Our member table, with the user state serf expects from every member."""
+        state = self.node.local_state(join)
+        names = {m.name: 1 for m in self.node.members()}
+        return attrs.evolve(
+            state, user_state=encode_serf_state(SerfState(status_ltimes=names))
+        )
+
+    def _connect(self, addr: Address, protocol: _StreamProtocol, timeout: float) -> Deferred:
+        endpoint = HostnameEndpoint(self.reactor, addr[0], addr[1], timeout=timeout)
+        d = endpoint.connect(_OneProtocolFactory(protocol))
+        return d.addCallback(lambda _: protocol.finished)
+
+    def _tcp_ping(self, addr: Address, ping: Ping, timeout: float) -> Deferred[bool]:
+        """memberlist's fallback probe: the ping over TCP; True if it is acknowledged."""
+        protocol = _StreamProtocol(self, ping)
+        d = self._connect(addr, protocol, timeout)
+        d.addCallbacks(
+            lambda ack: isinstance(ack, AckResp) and ack.seq_no == ping.seq_no,
+            lambda _: False,
+        )
+        return d
+
     def _push_pull(self, addr: Address, join: bool) -> Deferred[PushPull | None]:
         self.counters.push_pulls += 1
-        protocol = _StreamProtocol(self, self.node.local_state(join))
-        endpoint = HostnameEndpoint(self.reactor, addr[0], addr[1],
-                                    timeout=self.profile.tcp_timeout)
-        d = endpoint.connect(_OneProtocolFactory(protocol))
-        d.addCallback(lambda _: protocol.finished)
+        protocol = _StreamProtocol(self, self.local_state(join))
+        d = self._connect(addr, protocol, self.profile.tcp_timeout)
 
         def failed(failure: Failure) -> None:
             self.counters.push_pull_failures += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
@@ -309,6 +310,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
 
 
 HANDOFF_LINGER_SECONDS = 3.0
+DEAD_NODE_RECLAIM_SECONDS = 10.0
 
 
 def linger(reactor: Any, seconds: float) -> Any:
@@ -329,7 +331,12 @@ def build_membership(config: Config, advertise: str, reactor: Any) -> Any:
         advertise=advertise,
         port=config.gossip_port,
         tags={"role": config.role, "http": str(config.http_port)},
-        profile=LOCAL if config.membership_profile == "local" else LAN,
+        # A restarted container often comes back on a new address: let it reclaim
+        # its name after a short while instead of waiting for the reap.
+        profile=attrs.evolve(
+            LOCAL if config.membership_profile == "local" else LAN,
+            dead_node_reclaim_time=DEAD_NODE_RECLAIM_SECONDS,
+        ),
         keyring=Keyring([config.cluster_secret]) if config.cluster_secret else None,
         seeds=config.join,
     )

@@ -86,7 +86,9 @@ class GossipProtocol(DatagramProtocol):
         counters.packets_in += 1
         counters.bytes_in += len(data)
         try:
-            parts, _ = unwrap_packet(data, keyring=membership.keyring)
+            parts, truncated = unwrap_packet(data, keyring=membership.keyring)
+            # Messages cut off the end of a compound are lost: count them as dropped.
+            counters.dropped += truncated
             messages = []
             for part in parts:
                 try:

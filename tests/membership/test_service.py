@@ -214,6 +214,7 @@ class DatagramTests(Started):
             b"\xff" * 3000,
             add_crc(b"\x02\x81")[:-1],  # truncated CRC'd packet
             bytes([12]) + b"\x00\x00\x00\x00" + encode_message(peer_alive("x")),  # bad CRC
+            encode_compound([encode_message(peer_alive("y"))])[:-3],  # cut compound
             bytes([10]) + b"\x01" * 60,  # "encrypted" without a keyring
             bytes([2]) + b"\x85\xa5SeqNo\xcf" + b"\xff" * 8,  # cut msgpack
             bytes([9]) + b"\xc1" * 10,  # compress with a reserved msgpack byte

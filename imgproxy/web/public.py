@@ -167,6 +167,10 @@ class ImageResource(JsonResource):
         if failure.check(CancelledError) or request.finished or request._disconnected:
             return
         error = failure.value
+        if isinstance(error, ProxyError) and error.__cause__ is not None:
+            # A codec or network error behind a 502: keep it visible to operators.
+            self._log.info("{uri}: {reason} (because {cause!r})", uri=request.uri,
+                           reason=error.reason, cause=error.__cause__)
         if not isinstance(error, ProxyError):
             self._log.failure("serving {uri} failed", failure, uri=request.uri)
             error = ProxyError(502, "the image could not be processed")

@@ -31,8 +31,10 @@ def wrk(target: Target, script: str, env: dict[str, str], threads: int, conns: i
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "60s",
             "-s", str(WRK / script), target.base]
     before = load()
+    cpu0 = tree_cpu(target.pids())
     proc = subprocess.run(argv, env={**os.environ, **env, "WRK_REPORT": str(report)},
                           capture_output=True, text=True, timeout=seconds + 120)
+    cpu = tree_cpu(target.pids()) - cpu0
     out.with_suffix(".txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not report.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
@@ -50,6 +52,10 @@ def wrk(target: Target, script: str, env: dict[str, str], threads: int, conns: i
         "p99_ms": round(pct["99"], 2),
         "max_ms": round(data["latency_us"]["max"] / 1000, 2),
         "errors": data["errors"],
+        # CPU seconds the server's processes used during the run: unlike req/s, the cost per
+        # request barely moves when other work shares the cores
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_req": round(1000 * cpu / data["requests"], 3) if data["requests"] else None,
         "percentiles_ms": [[float(p), round(us / 1000, 3)]
                            for p, us in data["latency_us"]["percentiles"]],
         "wrk_stdout": out.with_suffix(".txt").name,
@@ -70,9 +76,12 @@ def hits(target: Target, source: str, seconds: int, out: Path) -> dict:
 
 
 def fresh(target: Target, source: str, cached_source: bool, seconds: int, run_id: str,
-          out: Path) -> dict:
-    """Fresh transforms: every request a new box (w=320, h=201+i: same output, new key).
+          out: Path, mode: str = "box") -> dict:
+    """Fresh transforms: every request a new cache key.
 
+    ``mode`` "box" asks for w=320, h=201+i: the very w=320 result under a new key each time, so
+    the work is the ceiling's; "width" asks for w=200+i (the output grows by a pixel a request,
+    and past w=320 a 2560-wide JPEG can only be drafted to 1/4 instead of 1/8).
     With ``cached_source`` the source is fetched once before; else each request names the
     source by a new URL (``/v/RUN-i/...`` on the origin), so each one is fetched too.
     """
@@ -87,11 +96,36 @@ def fresh(target: Target, source: str, cached_source: bool, seconds: int, run_id
         status, _h, body = http_get(target.base + probe)
         if status != 200:
             raise RuntimeError(f"{target.name}: probe {probe} got {status}: {body[:200]!r}")
-    template = target.path(src, 320, "{i}")
-    result = wrk(target, "fresh.lua", {"WRK_TEMPLATE": template, "WRK_I0": "201"},
+    if mode == "box":
+        template, i0 = target.path(src, 320, "{i}"), "201"
+    else:
+        template, i0 = target.path(src, "{i}"), "200"
+    result = wrk(target, "fresh.lua", {"WRK_TEMPLATE": template, "WRK_I0": i0},
                  1, 4, seconds, out)
     result["template"] = template
     return result
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """User plus system CPU seconds of the processes and all their live descendants."""
+    total = 0.0
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+    return total
 
 
 def _tree_memory(pids: list[int]) -> tuple[int, dict[int, int]]:

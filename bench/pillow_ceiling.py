@@ -71,11 +71,13 @@ def run(data: bytes, threads: int, seconds: float, width: int, quality: int) -> 
     for w in workers:
         w.start()
     t_begin = time.perf_counter()
+    cpu_begin = time.process_time()
     deadline[0] = t_begin + seconds
     start.wait()
     for w in workers:
         w.join()
     elapsed = time.perf_counter() - t_begin
+    cpu = time.process_time() - cpu_begin
     done = sum(counts)
     all_lat = sorted(x for per in latencies for x in per)
     return {
@@ -83,6 +85,8 @@ def run(data: bytes, threads: int, seconds: float, width: int, quality: int) -> 
         "seconds": round(elapsed, 3),
         "images": done,
         "img_per_s": round(done / elapsed, 2),
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_img": round(1000 * cpu / done, 2) if done else None,
         "latency_ms_p50": round(1000 * all_lat[len(all_lat) // 2], 2) if all_lat else None,
         "output_bytes": out_bytes,
         "width": width,
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{result['image']}: {result['img_per_s']} img/s on {result['threads']} threads "
             f"({result['images']} in {result['seconds']} s, p50 {result['latency_ms_p50']} ms, "
+            f"{result['cpu_ms_per_img']} CPU ms each, "
             f"{result['output_bytes']} bytes out, Pillow {result['pillow']})"
         )
     return 0

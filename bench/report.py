@@ -10,6 +10,14 @@ COLOURS = {"imgproxy": "#1f77b4", "imgproxy-cluster": "#17becf", "thumbor": "#d6
 MIB = 2**20
 
 
+CPU_NOTE = (
+    "*By CPU*: the user+system CPU time of the server's process tree during the run, divided by "
+    "the requests served (wrk's own CPU is not counted). Throughput moves with whatever else runs "
+    "on the machine; the cost per request barely does, so when the load average beside a row is "
+    "well above the core count, compare the CPU columns."
+)
+
+
 def _targets(data: dict) -> list[str]:
     return [t for t in ORDER if t in data["targets"]]
 
@@ -71,15 +79,19 @@ def tables(data: dict) -> list[str]:
     lines += ["## Cache hits", "",
               "The same URL (progressive JPEG to w=320, q=80), warmed, then "
               "`wrk -t2 -c32 -d{}s --latency`.".format(data["settings"]["hit_seconds"]), "",
-              "| target | req/s | × thumbor | p50 ms | p90 ms | p99 ms | errors |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| target | req/s | × thumbor | p50 ms | p90 ms | p99 ms | errors | "
+              "server CPU ms/req | × thumbor by CPU |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     base = _get(data, thumbor, "hits", "rps") if thumbor else None
+    base_cpu = _get(data, thumbor, "hits", "cpu_ms_per_req") if thumbor else None
     for t in names:
         h = _get(data, t, "hits")
         if h:
+            cpu = h.get("cpu_ms_per_req")
             lines.append(f"| {t} | {h['rps']:,.0f} | {_ratio(h['rps'], base)} | {h['p50_ms']} | "
-                         f"{h['p90_ms']} | {h['p99_ms']} | {_errors(h)} |")
-    lines.append("")
+                         f"{h['p90_ms']} | {h['p99_ms']} | {_errors(h)} | "
+                         f"{cpu if cpu is not None else '–'} | {_ratio(base_cpu, cpu)} |")
+    lines += ["", CPU_NOTE, ""]
 
     # fresh transforms
     for key, title, what in (
@@ -92,10 +104,14 @@ def tables(data: dict) -> list[str]:
             continue
         lines += [f"## {title}", "",
                   f"img/s at 4 connections (`wrk -t1 -c4 -d{data['settings']['fresh_seconds']}s`"
-                  f", Lua counter), {what}: `w=320&h=201+i`, which is the w=320 result under a "
-                  "new cache key. Ratios to thumbor and to the raw Pillow ceiling "
+                  f", Lua counter), {what}: " + (
+                      "`w=320&h=201+i`, which is the w=320 result under a new cache key."
+                      if data["settings"].get("fresh_mode", "box") == "box" else
+                      "`w=200+i`: the output grows a pixel a request (past 320 the JPEG draft "
+                      "is 1/4, not 1/8), while the ceiling stays at w=320.")
+                  + " Ratios to thumbor and to the raw Pillow ceiling "
                   f"(`bench/pillow_ceiling.py`, {data['settings']['threads']} threads, "
-                  "no HTTP, no cache).", ""]
+                  "no HTTP, no cache; the better of a pass before and one after the servers).", ""]
         header = "| image | Pillow ceiling |" + "".join(f" {t} |" for t in names)
         lines += [header, "| --- | ---: |" + " ---: |" * len(names)]
         for label, file in data["image_types"]:
@@ -113,6 +129,24 @@ def tables(data: dict) -> list[str]:
                 parts.append(f"{_pct(r['rps'], ceil)} ceiling")
                 if _errors(r) != "0":
                     parts.append(f"errors: {_errors(r)}")
+                row += " " + ", ".join(parts) + " |"
+            lines.append(row)
+        lines += ["", "Server CPU ms per image (the ceiling's: CPU ms of the loop per image); "
+                  "× thumbor and % of the ceiling by CPU:", "",
+                  header, "| --- | ---: |" + " ---: |" * len(names)]
+        for label, file in data["image_types"]:
+            ceil = data["ceiling"].get(file, {}).get("cpu_ms_per_img")
+            base = _get(data, thumbor, key, file, "cpu_ms_per_req") if thumbor else None
+            row = f"| {label} | {ceil if ceil is not None else '–'} |"
+            for t in names:
+                cpu = _get(data, t, key, file, "cpu_ms_per_req")
+                if not cpu:
+                    row += " – |"
+                    continue
+                parts = [f"{cpu}"]
+                if t != thumbor and base:
+                    parts.append(f"{_ratio(base, cpu)} thumbor")
+                parts.append(f"{_pct(ceil, cpu)} ceiling")
                 row += " " + ", ".join(parts) + " |"
             lines.append(row)
         lines += ["", "Latency (p50 / p99 ms):", "",
@@ -206,6 +240,9 @@ def check_targets(data: dict) -> list[str]:
         if r and th_hits:
             ok = r["rps"] >= factor * th_hits and (t != "imgproxy" or r["p99_ms"] <= 25)
             extra = f", p99 {r['p99_ms']} ms (≤ 25)" if t == "imgproxy" else ""
+            th_cpu = _get(data, "thumbor", "hits", "cpu_ms_per_req")
+            if th_cpu and r.get("cpu_ms_per_req"):
+                extra += f"; by CPU {th_cpu / r['cpu_ms_per_req']:.2f}×"
             line(ok, f"{t} cache hits ≥ {factor}× thumbor: {r['rps'] / th_hits:.2f}×{extra}")
         else:
             line(None, f"{t} cache hits ≥ {factor}× thumbor")
@@ -215,8 +252,15 @@ def check_targets(data: dict) -> list[str]:
         ceil = data["ceiling"].get(file, {}).get("img_per_s")
         if r and th and ceil:
             ok = r >= 2 * th and r >= 0.85 * ceil
+            cpu = _get(data, "imgproxy", "fresh", file, "cpu_ms_per_req")
+            th_cpu = _get(data, "thumbor", "fresh", file, "cpu_ms_per_req")
+            ceil_cpu = data["ceiling"].get(file, {}).get("cpu_ms_per_img")
+            extra = ""
+            if cpu and th_cpu and ceil_cpu:
+                extra = (f"; by CPU {th_cpu / cpu:.2f}× thumbor, "
+                         f"{100 * ceil_cpu / cpu:.0f}% of the ceiling")
             line(ok, f"fresh transforms of {file} (source cached) ≥ 2× thumbor and ≥ 85% of the "
-                     f"ceiling: {r / th:.2f}× thumbor, {100 * r / ceil:.0f}% of the ceiling")
+                     f"ceiling: {r / th:.2f}× thumbor, {100 * r / ceil:.0f}% of the ceiling{extra}")
         else:
             line(None, f"fresh transforms of {file} ≥ 2× thumbor and ≥ 85% of the ceiling")
     mem = _get(data, "imgproxy", "memory", "peak_rss")

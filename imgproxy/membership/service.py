@@ -383,7 +383,9 @@ class MembershipService(Service):
             self.counters.bytes_out += len(packet)
             try:
                 self._udp.write(packet, addr)
-            except OSError as error:
+            except (OSError, ValueError) as error:
+                # ValueError: Twisted's InvalidAddressError, e.g. a member that advertises
+                # an IPv6 address to our IPv4 socket. Unreachable, not a bug.
                 self._log.debug("sending to {addr} failed: {error}", addr=addr, error=error)
 
     def _request_push_pull(self, addr: Address, join: bool) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, InvalidAddressError
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -67,6 +67,9 @@ class RecordingUDPPort:
     def write(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.fail_writes:
             raise OSError(101, "Network is unreachable")
+        if ":" in addr[0]:
+            # What Twisted's IPv4 udp.Port does with an IPv6 destination.
+            raise InvalidAddressError(addr[0], "IPv4 port write() called with IPv6 address")
         self.written.append((data, addr))
 
     def stopListening(self) -> Deferred[None]:
@@ -252,6 +255,15 @@ class DatagramTests(Started):
         self.protocol.datagramReceived(datagram(Ping(42, "me")), PEER)
         self.assertEqual(self.udp.written, [])
         self.assertEqual(self.service.counters.dropped, 0)
+
+    def test_a_member_with_an_ipv6_address_costs_no_error_on_an_ipv4_socket(self) -> None:
+        ipv6 = Alive(1, "six", bytes(15) + b"\x01", 7946, b"", (1, 5, 2, 2, 5, 4))
+        self.protocol.datagramReceived(datagram(ipv6, peer_alive()), PEER)
+        for _ in range(20):  # a few probe rounds: both members get probed
+            self.reactor.advance(LAN.probe_interval / 2)
+        self.assertTrue(any(addr == PEER for _, addr in self.udp.written))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertGreater(self.service.node.counters.probes, 2)
 
 
 class EncryptedDatagramTests(Started):

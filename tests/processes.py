@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -178,6 +179,14 @@ def request(
         connection.close()
 
 
+class _DaemonThreadPool(ThreadPool):
+    # Daemon threads: interpreter exit waits for other threads *before* atexit
+    # handlers run, so a pool stopped from atexit would hang the test run.
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> threading.Thread:  # noqa: N802
+        return threading.Thread(*args, daemon=True, **kwargs)
+
+
 _client_pool: ThreadPool | None = None
 
 
@@ -185,7 +194,7 @@ def _pool() -> ThreadPool:
     global _client_pool
     if _client_pool is None:
         # Enough threads for a burst of concurrent requests (coalescing tests send 20+).
-        _client_pool = ThreadPool(minthreads=0, maxthreads=48, name="imgproxy-test-client")
+        _client_pool = _DaemonThreadPool(minthreads=0, maxthreads=48, name="imgproxy-test-client")
         _client_pool.start()
         atexit.register(_client_pool.stop)
     return _client_pool
@@ -361,7 +370,8 @@ class ImgproxyProcess:
         return "Address already in use" in tail or f"[Errno {errno.EADDRINUSE}]" in tail
 
     def start_async(self, reactor: Any) -> Deferred[ImgproxyProcess]:
-        """``start`` without blocking the reactor: launched here, waited for on a thread."""
+        """``start`` without blocking the reactor: launched here (not on a thread: the
+        child dies with the thread that launched it), waited for on a thread."""
         self.launch()
 
         def wait() -> ImgproxyProcess:
@@ -369,6 +379,13 @@ class ImgproxyProcess:
             return self
 
         return in_thread(reactor, wait)
+
+    def restart_async(self, reactor: Any) -> Deferred[ImgproxyProcess]:
+        """``restart`` without blocking the reactor (stop and wait on a thread, launch here)."""
+        d = in_thread(reactor, self.stop)
+        d.addCallback(lambda _: setattr(self, "_auto_port", False))
+        d.addCallback(lambda _: self.start_async(reactor))
+        return d
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the exit code (None if
@@ -456,6 +473,23 @@ def start_all(processes: Iterable[ImgproxyProcess], timeout: float | None = None
         raise
 
 
+def start_all_async(reactor: Any, processes: Iterable[ImgproxyProcess]) -> Deferred[None]:
+    """``start_all`` without blocking the reactor: launched here, waited for on a thread."""
+    processes = list(processes)
+    for process in processes:
+        process.launch()
+
+    def wait() -> None:
+        try:
+            for process in processes:
+                process.wait_ready()
+        except ProcessFailed:
+            stop_all(processes)
+            raise
+
+    return in_thread(reactor, wait)
+
+
 def stop_all(processes: Iterable[ImgproxyProcess], timeout: float = 15.0) -> None:
     """SIGTERM every process at once, then wait for (or SIGKILL) each."""
     processes = list(processes)
@@ -480,3 +514,34 @@ def spawn_imgproxy(
     if start:
         process.start()
     return process
+
+
+_shared: dict[Any, ImgproxyProcess] = {}
+
+
+def shared_imgproxy(key: Any, *args: str, **kwargs: Any) -> ImgproxyProcess:
+    """One running process per ``key`` (e.g. a TestCase class), started on first use.
+
+    trial has no class-level tear-down, so the process lives until ``stop_shared(key)``
+    (call it from ``tearDownClass``, which pytest runs) or, at the latest, until the
+    test run exits. A process that died is started again.
+    """
+    process = _shared.get(key)
+    if process is not None and process.running:
+        return process
+    if process is None:
+        kwargs.setdefault("base_dir", tempfile.mkdtemp(prefix="imgproxy-shared-"))
+        kwargs.setdefault("name", getattr(key, "__name__", "shared"))
+        process = ImgproxyProcess(args, **kwargs)
+        _shared[key] = process
+        atexit.register(stop_shared, key)
+    process.start()
+    return process
+
+
+def stop_shared(key: Any) -> None:
+    """Stop the shared process of ``key`` (if any) and remove its files."""
+    process = _shared.pop(key, None)
+    if process is not None:
+        process.stop()
+        shutil.rmtree(process.base_dir, ignore_errors=True)

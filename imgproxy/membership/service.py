@@ -82,6 +82,8 @@ class GossipProtocol(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         membership = self._membership
+        if not membership.accepting:
+            return  # the node is stopped; the port is closing
         counters = membership.counters
         counters.packets_in += 1
         counters.bytes_in += len(data)
@@ -195,7 +197,9 @@ class _InboundFactory(Factory):
     def __init__(self, membership: MembershipService) -> None:
         self._membership = membership
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if not self._membership.accepting:
+            return None  # refuses the connection: the node is stopped
         return _StreamProtocol(self._membership, None)
 
 
@@ -251,6 +255,8 @@ class MembershipService(Service):
         self._tcp: Any = None
         self._joiner: LoopingCall | None = None
         self.joined = False
+        #: Whether received packets and streams reach the node (from start until stop).
+        self.accepting = False
 
     # -- what the rest of the system uses --------------------------------------------
 
@@ -303,6 +309,7 @@ class MembershipService(Service):
         super().startService()
         self._udp = self.reactor.listenUDP(self.port, GossipProtocol(self), interface=self.bind)
         self._tcp = self.reactor.listenTCP(self.port, _InboundFactory(self), interface=self.bind)
+        self.accepting = True
         self.node.start()
         self._state_poll.start(STATE_POLL_SECONDS, now=False)
         if self.seeds:
@@ -324,6 +331,9 @@ class MembershipService(Service):
         except Exception:
             self._log.failure("leaving the cluster failed")
         self.node.stop()
+        # Until the ports are closed, packets still arrive: a stopped node must not
+        # handle them (an indirect ping would start a timer that nothing cancels).
+        self.accepting = False
         if self._udp is not None:
             yield self._udp.stopListening()
         if self._tcp is not None:
@@ -433,6 +443,8 @@ class MembershipService(Service):
         return d.addCallbacks(answered, failed)
 
     def merge(self, remote: PushPull) -> None:
+        if not self.accepting:
+            return  # an exchange that finished after stop
         try:
             self.node.merge_remote_state(remote)
         except Exception:

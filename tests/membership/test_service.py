@@ -24,6 +24,7 @@ from imgproxy.membership.messages import (
     AckResp,
     Alive,
     Dead,
+    IndirectPing,
     Message,
     NodeState,
     Ping,
@@ -487,6 +488,15 @@ class StopTests(Started):
         self.assertEqual({(d.node, d.from_node) for d in deads}, {("me", "me")})
         self.assertFalse(self.udp.listening)
         self.assertEqual(self.names()["me"], NodeState.LEFT)
+
+    def test_a_stopped_node_ignores_what_arrives_before_the_ports_close(self) -> None:
+        self.successResultOf(self.service.stopService())
+        self.udp.written.clear()
+        indirect = IndirectPing(9, PEER_IP, 7946, "peer", True, PEER_IP, 7946, "peer")
+        self.protocol.datagramReceived(datagram(indirect, Ping(10, "me")), PEER)
+        self.assertEqual((self.udp.written, self.reactor.getDelayedCalls()), ([], []))
+        [(_port, factory, _backlog, _iface)] = self.reactor.tcpServers
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", *PEER)))
 
     def test_stopping_alone_closes_at_once(self) -> None:
         stopped = self.service.stopService()

@@ -426,6 +426,10 @@ class ImgproxyProcess:
         self._auto_port = False  # clients hold the old URL
         return self.start(timeout)
 
+    def remove_files(self) -> None:
+        """Delete ``base_dir`` (log, and the cache when it lives there); stop first."""
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
     # -- talking to it
 
     def request(self, path: str, method: str = "GET", **kwargs: Any) -> Reply:

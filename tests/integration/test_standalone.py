@@ -1,7 +1,8 @@
 """The public contract, end to end: a real ``twistd -n imgproxy`` against a loopback origin.
 
-Each class shares one proxy process (started on its first test); each test gets
-its own origin on a fresh port and unique paths, so no test sees another's cache.
+Tests share a proxy process per set of options (started on first use, stopped
+when the run ends); each test gets its own origin on a fresh port and unique
+paths, so no test sees another's cache.
 Requests go out on client threads (``tests.processes``) while the reactor serves
 the origin.
 """
@@ -35,7 +36,6 @@ from tests.processes import (
     spawn_imgproxy,
     start_all_async,
     stop_all,
-    stop_shared,
 )
 from tests.worker.images import BLUE, GREEN, RED, encode, jpeg_with_orientation, photo, stripes
 
@@ -108,19 +108,16 @@ SOURCES = {
 
 
 class ProxyTestCase(TestCase):
-    """One shared proxy per class (``proxy_args``), a fresh origin per test."""
+    """One proxy process per distinct ``proxy_args``, shared by every class that uses
+    them and stopped when the run ends; a fresh origin per test."""
 
     proxy_args: ClassVar[tuple[str, ...]] = ("--allow-private-sources",)
     origin_interface: ClassVar[str] = "127.0.0.1"
     timeout = 60
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        stop_shared(cls)
-
     def setUp(self) -> Deferred[None]:
         self.reactor = live_reactor()
-        self.proxy = shared_imgproxy(type(self), *self.proxy_args)
+        self.proxy = shared_imgproxy(self.proxy_args, *self.proxy_args, name="standalone")
         return Deferred.fromCoroutine(self._start_origin())
 
     async def _start_origin(self) -> None:

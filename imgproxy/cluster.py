@@ -54,11 +54,19 @@ class ClusterView:
         return self.current.preference(source_key)
 
     def handoff_candidates(self, source_key: str) -> list[WorkerRef]:
-        """Workers other than this one that may hold the key: its owner now and before."""
+        """Workers other than this one that may hold the key: its owner now, its owner
+        among the others (the owner before this worker joined), and its owner before the
+        last change (a worker that left gracefully and lingers)."""
         candidates: list[WorkerRef] = []
-        owner_now = self.current.owner(source_key)
+        preference = self.current.preference(source_key)
+        owner_now = preference[0] if preference else None
+        # Rendezvous hashing: without this worker, the key would belong to the next one
+        # in its preference. A worker that just joined often learns the whole cluster in
+        # one push-pull, so ``previous`` never held that owner.
+        others = [w for w in preference if w.name != self.me]
+        owner_among_others = others[0] if others else None
         owner_before = self.previous.owner(source_key)
-        for worker in (owner_now, owner_before):
+        for worker in (owner_now, owner_among_others, owner_before):
             if worker is None or worker.name == self.me:
                 continue
             if worker.name in {c.name for c in candidates}:

@@ -37,7 +37,18 @@ from tests.processes import (
     start_all_async,
     stop_all,
 )
-from tests.worker.images import BLUE, GREEN, RED, encode, jpeg_with_orientation, photo, stripes
+from tests.worker.images import (
+    BLUE,
+    GREEN,
+    RED,
+    animated_gif,
+    animated_webp,
+    encode,
+    jpeg_with_orientation,
+    photo,
+    srgb_profile,
+    stripes,
+)
 
 SIGNING_KEY = "integration-signing-key"
 
@@ -89,13 +100,6 @@ def image_query(url: str, **params: Any) -> str:
 def sign(query: str, key: str = SIGNING_KEY) -> str:
     """The contract's ``sig``: hex HMAC-SHA256 of the query string as sent, without ``sig``."""
     return hmac.new(key.encode(), query.encode(), hashlib.sha256).hexdigest()
-
-
-def animated_gif(frames: int = 3, size: tuple[int, int] = (60, 40)) -> bytes:
-    images = [Image.new("RGB", size, colour) for colour in (RED, GREEN, BLUE)[:frames]]
-    buffer = io.BytesIO()
-    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
-    return buffer.getvalue()
 
 
 SOURCES = {
@@ -311,6 +315,18 @@ class GeometryTests(ProxyTestCase):
         self.assertNotIn(b"imgproxy test camera", reply.body)
 
 
+    async def test_the_colour_profile_is_kept(self) -> None:
+        profile = srgb_profile()
+        url, _ = self.serve(encode(photo(120, 90), "JPEG", icc_profile=profile))
+
+        replies = await gatherResults(
+            [self.get(image_query(url, w=60, format=fmt)) for fmt in ("jpeg", "png", "webp")]
+        )
+
+        for reply in replies:
+            self.assertEqual(decode(reply.body).info.get("icc_profile"), profile)
+
+
 class FormatTests(ProxyTestCase):
     """Output formats: explicit, the source's by default, and negotiated by ``Accept``."""
 
@@ -342,19 +358,25 @@ class FormatTests(ProxyTestCase):
             self.assertEqual(decode(reply.body).format, pillow_name)
             self.assertEqual(decode(reply.body).size, (40, 30))
 
-    async def test_an_animated_gif_stays_animated(self) -> None:
-        url, _ = self.serve(animated_gif(3, (60, 40)), "image/gif", "gif")
+    async def test_animations_stay_animated_in_formats_that_can_animate(self) -> None:
+        gif, _ = self.serve(animated_gif(3, 60, 40), "image/gif", "gif")
+        webp, _ = self.serve(animated_webp(3, 60, 40), "image/webp", "webp")
 
-        animated, still = await gatherResults(
-            [self.get(image_query(url, w=30)), self.get(image_query(url, w=30, format="jpeg"))]
+        as_gif, as_webp, as_jpeg = await gatherResults(
+            [
+                self.get(image_query(gif, w=30)),
+                self.get(image_query(webp, w=30)),
+                self.get(image_query(gif, w=30, format="jpeg")),
+            ]
         )
 
-        image = decode(animated.body)
-        self.assertEqual(image.format, "GIF")
-        self.assertEqual(image.size, (30, 20))
-        self.assertEqual(getattr(image, "n_frames", 1), 3)
-        self.assertEqual(decode(still.body).format, "JPEG")
-        self.assertEqual(decode(still.body).size, (30, 20))
+        for reply, pillow_name in ((as_gif, "GIF"), (as_webp, "WEBP")):
+            image = decode(reply.body)
+            self.assertEqual(image.format, pillow_name)
+            self.assertEqual(image.size, (30, 20))
+            self.assertEqual(getattr(image, "n_frames", 1), 3, pillow_name)
+        self.assertEqual(decode(as_jpeg.body).format, "JPEG")
+        self.assertEqual(decode(as_jpeg.body).size, (30, 20))
 
     async def test_format_auto_picks_avif_then_webp_then_the_source_format(self) -> None:
         url, path = self.serve_image(photo(160, 120))
@@ -652,6 +674,42 @@ class LimitTests(ProxyTestCase):
 
         self.assert_error(reply, 403)
         self.assertEqual(other.hits[path], 0)
+
+
+    async def test_a_redirect_to_an_address_not_allowed_is_403(self) -> None:
+        other = await self.start_origin(loopback_address())
+        url, path = self.serve_image(photo(40, 30), origin=other)
+        self.origin.redirect("/hop.jpg", url)
+
+        reply = await self.get(image_query(self.origin.url("/hop.jpg")))
+
+        self.assert_error(reply, 403)
+        self.assertEqual(self.origin.hits["/hop.jpg"], 1)
+        self.assertEqual(other.hits[path], 0)
+
+
+class CacheCapTests(ProxyTestCase):
+    """``--cache-max-bytes``: the least recently used entries go first."""
+
+    proxy_args = ("--allow-private-sources", "--cache-max-bytes", "400K")
+
+    async def test_the_least_recently_used_entries_are_evicted_over_the_cap(self) -> None:
+        bodies = [
+            encode(Image.effect_noise((160, 160), 100).convert("RGB"), "PNG") for _ in range(16)
+        ]
+        # Sources alone are twice the cap, so the first ones cannot all stay.
+        self.assertGreater(sum(map(len, bodies)), 2 * (400 << 10))
+        sources = [self.serve(body, "image/png", "png") for body in bodies]
+        for url, _ in sources:
+            self.assertEqual((await self.get(image_query(url))).header("x-cache"), "MISS")
+
+        newest = await self.get(image_query(sources[-1][0]))
+        oldest = await self.get(image_query(sources[0][0]))
+
+        self.assertEqual(newest.header("x-cache"), "HIT")
+        self.assertEqual(oldest.header("x-cache"), "MISS")
+        self.assertEqual(self.origin.hits[sources[0][1]], 2)
+        self.assertEqual(self.origin.hits[sources[-1][1]], 1)
 
 
 class RestartTests(TestCase):

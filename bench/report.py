@@ -34,6 +34,11 @@ def _pct(value: float | None, base: float | None) -> str:
     return f"{100 * value / base:.0f}%"
 
 
+def _load(run: dict) -> str:
+    load = run.get("load_before")
+    return f"{load[0]}" if load else "–"
+
+
 def _errors(run: dict) -> str:
     e = run.get("errors", {})
     bad = {k: v for k, v in e.items() if v}
@@ -60,7 +65,7 @@ def tables(data: dict) -> list[str]:
         f"Linux {m['kernel']}, Python {m['python']}; {m['nginx']}; {m['wrk']}; "
         f"thumbor {m['thumbor']}. Commit: `{m['git']}`.",
         "",
-        f"Command: `{data['command']}` (load average before the run "
+        f"Command: `{data.get('entry') or data['command']}` (load average before the run "
         f"{data['ceiling'][next(iter(data['ceiling']))]['load_before'] if data['ceiling'] else '?'}"
         f", after {data.get('load_after', '?')}). Every process is on loopback; the origin is "
         f"{data.get('origin', 'a local nginx')}. Each row's load average (1, 5, 15 min) before "
@@ -80,8 +85,8 @@ def tables(data: dict) -> list[str]:
               "The same URL (progressive JPEG to w=320, q=80), warmed, then "
               "`wrk -t2 -c32 -d{}s --latency`.".format(data["settings"]["hit_seconds"]), "",
               "| target | req/s | × thumbor | p50 ms | p90 ms | p99 ms | errors | "
-              "server CPU ms/req | × thumbor by CPU |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+              "server CPU ms/req | × thumbor by CPU | load before |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     base = _get(data, thumbor, "hits", "rps") if thumbor else None
     base_cpu = _get(data, thumbor, "hits", "cpu_ms_per_req") if thumbor else None
     for t in names:
@@ -90,7 +95,8 @@ def tables(data: dict) -> list[str]:
             cpu = h.get("cpu_ms_per_req")
             lines.append(f"| {t} | {h['rps']:,.0f} | {_ratio(h['rps'], base)} | {h['p50_ms']} | "
                          f"{h['p90_ms']} | {h['p99_ms']} | {_errors(h)} | "
-                         f"{cpu if cpu is not None else '–'} | {_ratio(base_cpu, cpu)} |")
+                         f"{cpu if cpu is not None else '–'} | {_ratio(base_cpu, cpu)} | "
+                         f"{_load(h)} |")
     lines += ["", CPU_NOTE, ""]
 
     # fresh transforms
@@ -131,6 +137,13 @@ def tables(data: dict) -> list[str]:
                     parts.append(f"errors: {_errors(r)}")
                 row += " " + ", ".join(parts) + " |"
             lines.append(row)
+        loads = [r["load_before"][0] for t in names for r in (_get(data, t, key) or {}).values()]
+        ceil_loads = [p["load_before"][0] for c in data["ceiling"].values()
+                      for p in c.get("passes", [c])]
+        if loads:
+            lines += ["", f"1-minute load average before these runs: {min(loads)} to {max(loads)}"
+                      + (f" (the ceiling's passes: {min(ceil_loads)} to {max(ceil_loads)})"
+                         if ceil_loads else "") + f"; the machine has {m['nproc']} cores."]
         lines += ["", "Server CPU ms per image (the ceiling's: CPU ms of the loop per image); "
                   "× thumbor and % of the ceiling by CPU:", "",
                   header, "| --- | ---: |" + " ---: |" * len(names)]
@@ -166,14 +179,14 @@ def tables(data: dict) -> list[str]:
               "of `largest.jpg` (not fetched before); the summed VmRSS of its process tree "
               "(children included) is sampled every 100 ms.", "",
               "| target | idle MiB | peak MiB | × thumbor | max VmHWM MiB | answered 200 | "
-              "wall s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "wall s | load before |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = _get(data, thumbor, "memory", "peak_rss") if thumbor else None
     for t in names:
         mm = _get(data, t, "memory")
         if mm:
             lines.append(f"| {t} | {mm['idle_rss'] / MIB:.0f} | {mm['peak_rss'] / MIB:.0f} | "
                          f"{_ratio(mm['peak_rss'], base)} | {mm['peak_hwm_max'] / MIB:.0f} | "
-                         f"{mm['ok']}/{mm['concurrent']} | {mm['wall_s']} |")
+                         f"{mm['ok']}/{mm['concurrent']} | {mm['wall_s']} | {_load(mm)} |")
     lines.append("")
 
     # bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import signal
@@ -55,7 +56,7 @@ def machine() -> dict:
         except (OSError, IndexError, subprocess.SubprocessError):
             return "unknown"
     return {
-        "nproc": len(__import__("os").sched_getaffinity(0)),
+        "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
         "mem_gib": round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1),
         "kernel": platform.release(),
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hit-seconds", type=int, default=15)
     parser.add_argument("--fresh-seconds", type=int, default=15)
     parser.add_argument("--ceiling-seconds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads of the Pillow ceiling (default: the cores)")
     parser.add_argument("--mem-concurrency", type=int, default=32)
     parser.add_argument("--images", type=lambda s: s.split(","), default=None,
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = json.loads((WORK / "corpus" / "corpus.json").read_text())
     data: dict = {
         "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
+        # what the user typed, when it came through bench/run-all (make bench)
+        "entry": os.environ.get("BENCH_ENTRY", ""),
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "corpus": corpus,

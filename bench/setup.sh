@@ -20,7 +20,8 @@ mkdir -p "$WORK"
 TV="$WORK/thumbor-venv"
 if ! "$TV/bin/python" -c "import thumbor, sys; sys.exit(thumbor.__version__ != '$THUMBOR_VERSION')" 2>/dev/null; then
     rm -rf "$TV"
-    "$PYTHON" -m venv "$TV"
+    "$PYTHON" -m venv "$TV" || { "$ROOT/scripts/ensure-debs" python3-venv && rm -rf "$TV" &&
+                                 "$PYTHON" -m venv "$TV"; }
     "$TV/bin/pip" install -q --upgrade pip
     "$TV/bin/pip" install -q "thumbor==$THUMBOR_VERSION"
 fi

@@ -14,11 +14,13 @@ worker died) go to test-artifacts/compose-e2e.json.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,6 +209,21 @@ def published_port(container: dict[str, Any], port: str = "8080/tcp") -> int:
     return int(bindings[0]["HostPort"])
 
 
+@attrs.frozen
+class Outcome:
+    """One request of a ``RequestStream``: when it started and ended, and how it went."""
+
+    started: float
+    ended: float
+    key: int
+    status: int | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
 class RequestStream:
     """Threads sending image requests through one port until stopped; every outcome kept."""
 
@@ -214,8 +232,7 @@ class RequestStream:
         self._keys = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        # (monotonic time the request ended, key, status or the exception's text)
-        self.outcomes: list[tuple[float, int, int | str]] = []
+        self.outcomes: list[Outcome] = []
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def start(self) -> None:
@@ -231,21 +248,22 @@ class RequestStream:
         while not self._stop.is_set():
             with self._lock:
                 key = next(self._keys) % STREAM_KEYS
+            started = time.monotonic()
             try:
-                outcome: int | str = get(
-                    self.port, image_path(f"/img/{key}.jpg", w=64), timeout=20
-                ).status
+                response = get(self.port, image_path(f"/img/{key}.jpg", w=64), timeout=20)
+                status: int | None = response.status
+                detail = "" if response.status == 200 else response.body[:200].decode("latin-1")
             except OSError as e:
-                outcome = f"{type(e).__name__}: {e}"
+                status, detail = None, f"{type(e).__name__}: {e}"
             with self._lock:
-                self.outcomes.append((time.monotonic(), key, outcome))
+                self.outcomes.append(Outcome(started, time.monotonic(), key, status, detail))
 
-    def since(self, moment: float) -> list[tuple[float, int, int | str]]:
+    def started_between(self, start: float, end: float = float("inf")) -> list[Outcome]:
         with self._lock:
-            return [o for o in self.outcomes if o[0] >= moment]
+            return [o for o in self.outcomes if start <= o.started < end]
 
     def keys_served_since(self, moment: float) -> set[int]:
-        return {key for _, key, outcome in self.since(moment) if outcome == 200}
+        return {o.key for o in self.started_between(moment) if o.ok}
 
 
 @pytest.mark.slow
@@ -304,8 +322,10 @@ class ComposeClusterTests(SynchronousTestCase):
         self._worker_killed_under_a_request_stream(
             compose, workers[0], gateway_ports, lb_port, figures
         )
-        self._workers_scaled_to_four(compose, gateway_ports, lb_port, figures)
+        gateways, workers = self._scaled_up(compose, lb_port, figures)
 
+        with timed(figures, "stop_s"):
+            self._stopped_gracefully(compose, gateways + workers)
         with timed(figures, "down_s"):
             compose.down()
         self.assertEqual(compose.containers("worker") + compose.containers("gateway"), [])
@@ -330,11 +350,14 @@ class ComposeClusterTests(SynchronousTestCase):
         self.assertEqual(json.loads(missing.body)["status"], 404)
 
     def _balancer_spreads_over_every_gateway(self, lb_port: int, names: set[str]) -> None:
-        answered = poll_until(
-            lambda: {health(lb_port)["name"] for _ in range(10)} == names or None,
-            30, "the balancer reaching every gateway",
-        )
-        self.assertTrue(answered)
+        seen: set[str] = set()
+
+        def every_gateway_answered() -> bool:
+            seen.update(health(lb_port)["name"] for _ in range(10))
+            return seen == names
+
+        poll_until(every_gateway_answered, 30, f"the balancer reaching all {len(names)} gateways")
+        self.assertEqual(seen, names)
 
     def _worker_killed_under_a_request_stream(
         self,
@@ -366,10 +389,12 @@ class ComposeClusterTests(SynchronousTestCase):
             )
         finally:
             stream.stop()
-        during = [o for o in stream.since(killed_at) if o[0] < noticed_at]
-        after = stream.since(noticed_at)
-        failures_during = [o for o in during if o[2] != 200]
-        failures_after = [o for o in after if o[2] != 200]
+        # A request belongs to the phase it started in: one that went to the worker just
+        # before it died may well end after the gateways noticed.
+        during = stream.started_between(killed_at, noticed_at)
+        after = stream.started_between(noticed_at)
+        failures_during = [o for o in during if not o.ok]
+        failures_after = [o for o in after if not o.ok]
         figures["worker_kill"] = {
             "requests_total": len(stream.outcomes),
             "detected_after_s": round(noticed_at - killed_at, 1),
@@ -377,27 +402,149 @@ class ComposeClusterTests(SynchronousTestCase):
             "failures_until_detected": len(failures_during),
             "requests_after_detected": len(after),
             "failures_after_detected": len(failures_after),
-            "failure_samples": sorted({str(o[2]) for o in failures_during + failures_after})[:5],
+            "failures": [
+                {"started_s": round(o.started - killed_at, 2),
+                 "took_s": round(o.ended - o.started, 2),
+                 "key": o.key, "status": o.status, "detail": o.detail}
+                for o in failures_during + failures_after
+            ][:10],
         }
+        if failures_during or failures_after:
+            # What the gateways said about them: the detail an operator would look for.
+            lines = compose("logs", "--no-color", "gateway", timeout=120).splitlines()
+            figures["worker_kill"]["gateway_log"] = [
+                line for line in lines if "fail" in line.lower() or "error" in line.lower()
+            ][:40]
         # Once the cluster knows, nothing may fail; before, the gateways fail over.
         self.assertEqual(failures_after, [])
         self.assertLessEqual(len(failures_during), max(1, len(during) // 10), figures)
 
-    def _workers_scaled_to_four(
-        self, compose: Compose, gateway_ports: list[int], lb_port: int, figures: dict[str, Any]
-    ) -> None:
-        with timed(figures, "scale_to_four_workers_s"):
-            compose("up", "-d", "--no-recreate", "--scale", "gateway=2", "--scale", "worker=4")
+    def _scaled_up(
+        self, compose: Compose, lb_port: int, figures: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Four workers and a third gateway: the cluster and the balancer take them in."""
+        with timed(figures, "scale_up_s"):
+            compose("up", "-d", "--no-recreate", "--scale", "gateway=3", "--scale", "worker=4")
             workers = poll_until(lambda: compose.healthy("worker", 4), 180,
                                  "four healthy worker containers")
-            names = {c["Config"]["Hostname"] for c in workers}
-            for port in gateway_ports:
-                poll_until(lambda p=port: alive(health(p)["members"], "worker") == names, 60,
-                           f"gateway on port {port} knowing the four workers alive")
+            gateways = poll_until(lambda: compose.healthy("gateway", 3), 180,
+                                  "three healthy gateway containers")
+            worker_names = {c["Config"]["Hostname"] for c in workers}
+            gateway_names = {c["Config"]["Hostname"] for c in gateways}
+            for port in [published_port(c) for c in gateways]:
+                poll_until(
+                    lambda p=port: alive(health(p)["members"], "worker") == worker_names
+                    and alive(health(p)["members"], "gateway") == gateway_names,
+                    60, f"gateway on port {port} knowing three gateways and four workers alive",
+                )
+        # The balancer re-resolves the service name: the new gateway gets requests too.
+        self._balancer_spreads_over_every_gateway(lb_port, gateway_names)
         for key in range(STREAM_KEYS):
             response = get(lb_port, image_path(f"/img/{key}.jpg", w=48))
             self.assertEqual(response.status, 200, response.body[:200])
+        return gateways, workers
+
+    def _stopped_gracefully(self, compose: Compose, nodes: list[dict[str, Any]]) -> None:
+        """SIGTERM ends every node in time, on its own, with exit status 0."""
+        compose("stop", "-t", "20", timeout=300)
+        ids = [c["Id"] for c in nodes]
+        states = {c["Config"]["Hostname"]: c["State"] for c in json.loads(
+            run(["docker", "inspect", *ids], 60))}
+        self.assertEqual(
+            {name: (state["Running"], state["ExitCode"]) for name, state in states.items()},
+            {name: (False, 0) for name in states},
+        )
 
     def _write_figures(self, figures: dict[str, Any]) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "compose-e2e.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def load_healthcheck() -> Any:
+    """docker/healthcheck.py, which the image runs as a script, loaded as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "imgproxy_healthcheck", ROOT / "docker" / "healthcheck.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        body = b'{"state": "alive"}' if self.path == "/health" else b"{}"
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class HealthCheckTests(SynchronousTestCase):
+    """The container health check finds the node's port the way the node does, and asks it."""
+
+    def setUp(self) -> None:
+        self.healthcheck = load_healthcheck()
+
+    def test_port_defaults_to_8080(self) -> None:
+        self.assertEqual(self.healthcheck.http_port({}), 8080)
+
+    def test_port_from_a_strports_description(self) -> None:
+        self.assertEqual(self.healthcheck.http_port({"IMGPROXY_HTTP": "tcp:9000"}), 9000)
+        self.assertEqual(
+            self.healthcheck.http_port({"IMGPROXY_HTTP": "tcp:port=9001:interface=0.0.0.0"}),
+            9001,
+        )
+
+    def test_port_from_the_bare_http_port_variable_unless_imgproxy_http_is_set(self) -> None:
+        self.assertEqual(self.healthcheck.http_port({"HTTP_PORT": "7000"}), 7000)
+        self.assertEqual(
+            self.healthcheck.http_port({"HTTP_PORT": "7000", "IMGPROXY_HTTP": "tcp:7001"}), 7001
+        )
+
+    def _exit_status_against(self, status: int) -> int:
+        handler = type("Handler", (_StatusHandler,), {"status": status})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        environ = {"IMGPROXY_HTTP": f"tcp:{server.server_address[1]}"}
+        with mock_environ(environ):
+            return self.healthcheck.main()
+
+    def test_healthy_when_health_answers_200(self) -> None:
+        self.assertEqual(self._exit_status_against(200), 0)
+
+    def test_unhealthy_when_health_answers_an_error(self) -> None:
+        self.assertEqual(self._exit_status_against(503), 1)
+
+    def test_unhealthy_when_nothing_listens(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+        with mock_environ({"IMGPROXY_HTTP": f"tcp:{free_port}"}):
+            self.assertEqual(self.healthcheck.main(), 1)
+
+
+@contextmanager
+def mock_environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with only ``values`` for the node's HTTP settings, restored after."""
+    saved = {key: os.environ.get(key) for key in ("IMGPROXY_HTTP", "HTTP_PORT")}
+    for key in saved:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -124,7 +124,7 @@ class ImageResource(JsonResource):
         parsed = parse_image_query(raw_query, accept, self._signing_key)
         if len(self._parsed) >= PARSED_MEMO_SIZE:
             self._parsed.clear()
-        self._parsed[(raw_query, accept if parsed.varies_on_accept else None)] = parsed
+        self._parsed[(raw_query, (accept or b"") if parsed.varies_on_accept else None)] = parsed
         return parsed
 
     def render_GET(self, request: Request) -> bytes | int:

@@ -401,6 +401,19 @@ class FormatTests(ProxyTestCase):
         self.assertEqual(self.origin.hits[path], 1)
 
 
+    async def test_format_auto_without_accept_does_not_decide_for_later_requests(self) -> None:
+        url, _ = self.serve_image(photo(160, 120))
+        query = image_query(url, w=80, format="auto")
+
+        without = await self.get(query)
+        with_avif = await self.get(query, {"Accept": "image/avif"})
+        with_webp = await self.get(query, {"Accept": "image/webp"})
+
+        self.assertEqual(without.header("content-type"), "image/jpeg")
+        self.assertEqual(with_avif.header("content-type"), "image/avif")
+        self.assertEqual(with_webp.header("content-type"), "image/webp")
+
+
 class BadRequestTests(ProxyTestCase):
     """400 for each malformed parameter; other client and origin errors."""
 

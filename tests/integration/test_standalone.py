@@ -487,6 +487,25 @@ class BadRequestTests(ProxyTestCase):
             self.assert_error(reply, 404)
 
 
+    async def test_an_unsupported_method_gets_a_json_error(self) -> None:
+        reply = await self.call("POST", "/image?url=http%3A%2F%2F127.0.0.1%2Fa.jpg", body=b"x")
+
+        self.assertGreaterEqual(reply.status, 400)
+        self.assertLess(reply.status, 500)
+        self.assert_error(reply, reply.status)
+
+    async def test_a_source_url_with_its_own_query_string_is_served(self) -> None:
+        body = encode(photo(80, 60), "JPEG")
+        self.origin.add("/with-query.jpg", body, "image/jpeg")
+        url = self.origin.url("/with-query.jpg?size=large&v=2")
+
+        reply = await self.get(image_query(url, w=40))
+
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(decode(reply.body).size, (40, 30))
+        self.assertEqual(self.origin.hits["/with-query.jpg"], 1)
+
+
 class ServiceEndpointTests(ProxyTestCase):
     """``/health``, ``/metrics`` and the status page."""
 

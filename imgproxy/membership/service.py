@@ -125,7 +125,8 @@ class _StreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         timeout = self._membership.profile.tcp_timeout
-        self._timer = self._membership.reactor.callLater(timeout, self._timed_out)
+        self._timer = self._membership.reactor.callLater(timeout, self.abort)
+        self._membership.streams.add(self)
         if self._outbound is not None:
             self.transport.write(self._encode(self._outbound))
 
@@ -134,7 +135,8 @@ class _StreamProtocol(Protocol):
             message, keyring=self._membership.keyring, protocol_version=PROTOCOL_VERSION
         )
 
-    def _timed_out(self) -> None:
+    def abort(self) -> None:
+        """Give up on this exchange (timed out, or the service stops) and drop the connection."""
         self._finish(None)
         self.transport.abortConnection()
 
@@ -184,6 +186,7 @@ class _StreamProtocol(Protocol):
         self._done = True
         if self._timer.active():
             self._timer.cancel()
+        self._membership.streams.discard(self)
         self.finished.callback(result)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -257,6 +260,9 @@ class MembershipService(Service):
         self.joined = False
         #: Whether received packets and streams reach the node (from start until stop).
         self.accepting = False
+        #: Open push-pull and TCP-ping connections, both ways; and connections being made.
+        self.streams: set[_StreamProtocol] = set()
+        self._connecting: set[Deferred[Any]] = set()
 
     # -- what the rest of the system uses --------------------------------------------
 
@@ -334,6 +340,10 @@ class MembershipService(Service):
         # Until the ports are closed, packets still arrive: a stopped node must not
         # handle them (an indirect ping would start a timer that nothing cancels).
         self.accepting = False
+        for attempt in list(self._connecting):
+            attempt.cancel()
+        for stream in list(self.streams):
+            stream.abort()
         if self._udp is not None:
             yield self._udp.stopListening()
         if self._tcp is not None:
@@ -412,7 +422,13 @@ class MembershipService(Service):
     def _connect(self, addr: Address, protocol: _StreamProtocol, timeout: float) -> Deferred:
         endpoint = HostnameEndpoint(self.reactor, addr[0], addr[1], timeout=timeout)
         d = endpoint.connect(_OneProtocolFactory(protocol))
-        return d.addCallback(lambda _: protocol.finished)
+        self._connecting.add(d)
+
+        def connected(result: Any) -> Any:
+            self._connecting.discard(d)
+            return result
+
+        return d.addBoth(connected).addCallback(lambda _: protocol.finished)
 
     def _tcp_ping(self, addr: Address, ping: Ping, timeout: float) -> Deferred[bool]:
         """memberlist's fallback probe: the ping over TCP; True if it is acknowledged."""

@@ -498,6 +498,21 @@ class StopTests(Started):
         [(_port, factory, _backlog, _iface)] = self.reactor.tcpServers
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", *PEER)))
 
+    def test_stopping_cancels_connections_being_made_and_aborts_open_streams(self) -> None:
+        pending = self.service._push_pull(PEER, join=False)
+        self.reactor.advance(0)
+        [(_port, factory, _backlog, _iface)] = self.reactor.tcpServers
+        inbound = factory.buildProtocol(IPv4Address("TCP", *PEER))
+        transport = StringTransport()
+        inbound.makeConnection(transport)
+        inbound.dataReceived(b"\x06")  # the first byte of a push-pull, then nothing
+
+        self.successResultOf(self.service.stopService())
+
+        self.assertIsNone(self.successResultOf(pending))
+        self.assertTrue(transport.disconnected)
+        self.assertEqual((self.service.streams, self.reactor.getDelayedCalls()), (set(), []))
+
     def test_stopping_alone_closes_at_once(self) -> None:
         stopped = self.service.stopService()
         self.successResultOf(stopped)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 from PIL import Image
 from procs import http_get
+from profiles import summarise_stacks
 from targets import BENCH, ROOT, Target
 
 WRK = BENCH / "wrk"
@@ -24,17 +26,25 @@ def load() -> list[float]:
 
 
 def wrk(target: Target, script: str, env: dict[str, str], threads: int, conns: int,
-        seconds: int, out: Path) -> dict:
-    """One wrk run with ``script``; its report.lua JSON, its stdout and the load before it."""
+        seconds: int, out: Path, profile: Path | None = None) -> dict:
+    """One wrk run with ``script``; its report.lua JSON, its stdout and the load before it.
+
+    With ``profile``, py-spy samples each of the target's processes during the run and the
+    busiest functions are summarised into ``profile`` (markdown); the raw stacks stay beside
+    the wrk output.
+    """
     report = out.with_suffix(".json")
     report.unlink(missing_ok=True)
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "60s",
             "-s", str(WRK / script), target.base]
+    spies = _start_profilers(target, seconds, out) if profile else []
     before = load()
     cpu0 = tree_cpu(target.pids())
     proc = subprocess.run(argv, env={**os.environ, **env, "WRK_REPORT": str(report)},
                           capture_output=True, text=True, timeout=seconds + 120)
     cpu = tree_cpu(target.pids()) - cpu0
+    if profile:
+        _finish_profilers(spies, profile, f"{target.name}: {out.name}")
     out.with_suffix(".txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not report.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
@@ -62,21 +72,48 @@ def wrk(target: Target, script: str, env: dict[str, str], threads: int, conns: i
     }
 
 
-def hits(target: Target, source: str, seconds: int, out: Path) -> dict:
+def _start_profilers(target: Target, seconds: int, out: Path) -> list[tuple[str, Path, object]]:
+    spy = Path(sys.executable).parent / "py-spy"
+    spies = []
+    for p in target.procs:
+        raw = out.parent / f"{out.name}-{p.name}.pyspy.txt"
+        argv = [str(spy), "record", "--pid", str(p.pid), "--duration", str(seconds),
+                "--rate", "200", "--nonblocking", "--threads", "--format", "raw",
+                "--output", str(raw)]
+        spies.append((p.name, raw, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL)))
+    return spies
+
+
+def _finish_profilers(spies: list, profile: Path, title: str) -> None:
+    sections = [f"## {title}", ""]
+    for name, raw, popen in spies:
+        try:
+            popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+        sections += [f"### {name}", "", *summarise_stacks(raw), ""]
+    with open(profile, "a") as f:
+        f.write("\n".join(sections) + "\n")
+
+
+def hits(target: Target, source: str, seconds: int, out: Path,
+         profile: Path | None = None) -> dict:
     """Cache hits: one URL at w=320, warmed first, hammered at 32 connections."""
     path = target.path(source, 320)
     for _ in range(2):
         status, headers, body = http_get(target.base + path)
         if status != 200:
             raise RuntimeError(f"{target.name}: warm-up of {path} got {status}: {body[:200]!r}")
-    result = wrk(target, "hit.lua", {"WRK_PATH": path}, 2, 32, seconds, out)
+    result = wrk(target, "hit.lua", {"WRK_PATH": path}, 2, 32, seconds, out, profile)
     result["x_cache"] = headers.get("x-cache")
     result["path"] = path
     return result
 
 
 def fresh(target: Target, source: str, cached_source: bool, seconds: int, run_id: str,
-          out: Path, mode: str = "box") -> dict:
+          out: Path, mode: str = "box", profile: Path | None = None) -> dict:
     """Fresh transforms: every request a new cache key.
 
     ``mode`` "box" asks for w=320, h=201+i: the very w=320 result under a new key each time, so
@@ -101,7 +138,7 @@ def fresh(target: Target, source: str, cached_source: bool, seconds: int, run_id
     else:
         template, i0 = target.path(src, "{i}"), "200"
     result = wrk(target, "fresh.lua", {"WRK_TEMPLATE": template, "WRK_I0": i0},
-                 1, 4, seconds, out)
+                 1, 4, seconds, out, profile)
     result["template"] = template
     return result
 

@@ -90,8 +90,14 @@ def bench_target(name: str, ps: ProcessSet, origin_port: int, args: argparse.Nam
         log(f"  peak RSS {m['peak_rss'] / 2**20:.0f} MiB (idle {m['idle_rss'] / 2**20:.0f}), "
             f"{m['ok']}/{m['concurrent']} ok in {m['wall_s']} s")
         log(f"{name}: cache hits, {args.hit_seconds} s")
+        profile = None
+        if args.profile and target.kind in args.profile:
+            profile = args.out / f"profile-{name}.md"
+            profile.write_text(f"# py-spy profile of {name} under the benchmark\n\n"
+                               f"{target.note}; sampled at 200 Hz, idle threads left out.\n\n")
+            res["profile"] = profile.name
         res["hits"] = measure.hits(target, "/progressive.jpg", args.hit_seconds,
-                                   out / f"{name}-hits")
+                                   out / f"{name}-hits", profile)
         h = res["hits"]
         log(f"  {h['rps']} req/s p50 {h['p50_ms']} ms p99 {h['p99_ms']} ms "
             f"{h['cpu_ms_per_req']} CPU ms/req errors {h['errors']} load {h['load_before']}")
@@ -106,7 +112,8 @@ def bench_target(name: str, ps: ProcessSet, origin_port: int, args: argparse.Nam
                 r = measure.fresh(target, "/" + file, cached, args.fresh_seconds,
                                   f"{name}-{int(time.time())}",
                                   out / f"{name}-{key}-{file.replace('.', '-')}",
-                                  mode=args.fresh_mode)
+                                  mode=args.fresh_mode,
+                                  profile=profile if cached else None)
                 res[key][file] = r
                 log(f"  {r['rps']} img/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
                     f"{r['cpu_ms_per_req']} CPU ms/img errors {r['errors']} "
@@ -141,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thumbor-threads", type=int, default=0,
                         help="thumbor's ENGINE_THREADPOOL_SIZE (its default, 0, is none)")
     parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument("--profile", type=lambda s: s.split(","), default=[],
+                        help="py-spy these kinds of target during the hit and cached-source "
+                             "fresh runs (imgproxy, thumbor); writes results/profile-NAME.md. "
+                             "Sampling costs the target some speed: not for the headline run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true",
                         help="re-render proxy.md and the plots from proxy.json")

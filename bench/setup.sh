@@ -34,12 +34,12 @@ if ! "$TV/bin/python" -c "import pycurl" 2>/dev/null; then
     fi
 fi
 
-# The harness's own venv: plots and process sampling.
+# The harness's own venv: plots, process sampling, and py-spy for --profile.
 BV="$WORK/venv"
-if ! "$BV/bin/python" -c "import matplotlib, psutil, PIL" 2>/dev/null; then
+if ! "$BV/bin/python" -c "import matplotlib, psutil, PIL" 2>/dev/null || [ ! -x "$BV/bin/py-spy" ]; then
     [ -x "$BV/bin/python" ] || "$PYTHON" -m venv "$BV"
     "$BV/bin/pip" install -q --upgrade pip
-    "$BV/bin/pip" install -q matplotlib psutil pillow
+    "$BV/bin/pip" install -q matplotlib psutil pillow py-spy
 fi
 
 # The corpus: real photos from Debian, plus a WebP and an animated GIF made from them.

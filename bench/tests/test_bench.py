@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import corpus  # noqa: E402 - bench/ is not a package; its modules import each other by name
 import pillow_ceiling  # noqa: E402
+import profiles  # noqa: E402
 import report  # noqa: E402
 from targets import Target  # noqa: E402
 
@@ -154,3 +156,32 @@ class CheckTargetsTests(SynchronousTestCase):
         self.assertIn("holds", pick)
         pick = [x for x in report.check_targets(over) if "memory" in x][0]
         self.assertIn("does not hold", pick)
+
+
+class SummariseStacksTests(SynchronousTestCase):
+    """profiles.summarise_stacks ranks functions by py-spy samples, idle threads left out."""
+
+    def setUp(self) -> None:
+        # not self.mktemp(): under pytest that puts a directory named after the module in
+        # the working directory, which then shadows the module for trial
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = Path(tmp.name)
+
+    def test_self_and_total_shares_skip_idle_stacks(self) -> None:
+        raw = self.dir / "stacks.txt"
+        raw.write_text(
+            "thread (0x1);main (app.py:1);decode (img.py:5) 6\n"
+            "thread (0x1);main (app.py:1);encode (img.py:9) 2\n"
+            "thread (0x2);main (app.py:1);decode (img.py:5);inner (c.py:1) 2\n"
+            "thread (0x3);worker (pool.py:3);get (queue.py:171) 50\n"
+        )
+        text = "\n".join(profiles.summarise_stacks(raw))
+        self.assertIn("10 busy samples", text)
+        self.assertIn("| 60.0 | 80.0 | `decode (img.py:5)` |", text)
+        self.assertIn("| 100.0 | `main (app.py:1)` |", text)
+        self.assertNotIn("queue.py", text)
+
+    def test_a_missing_file_says_why(self) -> None:
+        lines = profiles.summarise_stacks(self.dir / "missing.txt")
+        self.assertIn("py-spy failed", lines[0])

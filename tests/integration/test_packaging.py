@@ -5,7 +5,7 @@ from ``twistd --help``: only an installed wheel in a clean environment shows it.
 The wheel is built (``python -m build``, which fetches its build backend from
 PyPI) from a copy of the working tree, so the checkout gets no ``build/``
 directory; the fresh venv gets the runtime dependencies from PyPI (pip's cache
-makes that quick). Both happen once for the module.
+makes that quick). Both happen once per run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -75,18 +76,38 @@ def _copy_working_tree(destination: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _check(command: list[str], what: str, **kwargs: object) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
-    if result.returncode != 0:
-        raise AssertionError(f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}"
-                             f"\n{result.stderr[-3000:]}")
+def _run_all(*commands: tuple[list[str], str]) -> None:
+    """Run the commands side by side; AssertionError with the output of any that fails."""
+    running = [
+        (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), what)
+        for command, what in commands
+    ]
+    failures = []
+    for process, what in running:
+        output, _ = process.communicate(timeout=300)
+        if process.returncode != 0:
+            failures.append(f"{what} failed ({process.returncode}):\n{output.decode()[-3000:]}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def _pip_install(venv: Path, *arguments: str) -> list[str]:
+    # This venv's pip installs into the fresh one; --no-compile saves most of the time.
+    return [
+        sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+        "--quiet", "--no-compile", "--disable-pip-version-check", *arguments,
+    ]
 
 
 _installation: Installation | None = None
 
 
 def installation() -> Installation:
-    """Build and install once per test run."""
+    """Build and install once per test run.
+
+    The runtime dependencies (from ``pyproject.toml``) go into the fresh venv while
+    the wheel builds; installing the wheel afterwards still checks them.
+    """
     global _installation
     if _installation is None:
         root = Path(tempfile.mkdtemp(prefix="imgproxy-packaging-"))
@@ -94,20 +115,18 @@ def installation() -> Installation:
         source, dist, venv, workdir = (root / n for n in ("src", "dist", "venv", "work"))
         workdir.mkdir()
         _copy_working_tree(source)
-        _check(
-            [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],
-            "python -m build --wheel",
+        _run_all(([sys.executable, "-m", "venv", "--without-pip", str(venv)], "python -m venv"))
+        with open(source / "pyproject.toml", "rb") as project:
+            dependencies = tomllib.load(project)["project"]["dependencies"]
+        _run_all(
+            (
+                [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],
+                "python -m build --wheel",
+            ),
+            (_pip_install(venv, *dependencies), "pip install of the dependencies"),
         )
         (wheel,) = dist.glob("imgproxy-*.whl")
-        _check([sys.executable, "-m", "venv", "--without-pip", str(venv)], "python -m venv")
-        # This venv's pip installs into the fresh one; --no-compile saves most of the time.
-        _check(
-            [
-                sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                "install", "--quiet", "--no-compile", "--disable-pip-version-check", str(wheel),
-            ],
-            "pip install of the wheel into a fresh venv",
-        )
+        _run_all((_pip_install(venv, str(wheel)), "pip install of the wheel into a fresh venv"))
         _installation = Installation(wheel=wheel, venv=venv, workdir=workdir)
     return _installation
 

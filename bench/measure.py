@@ -265,11 +265,11 @@ def output_bytes(target: Target, sources: list[str]) -> dict:
     return result
 
 
-def ceiling(image: Path, threads: int, seconds: int) -> dict:
+def ceiling(image: Path, threads: int, seconds: int, draft_factor: float = 1.0) -> dict:
     """The raw Pillow ceiling, run with the project's own venv (the Pillow imgproxy uses)."""
     python = ROOT / ".venv" / "bin" / "python"
     argv = [str(python), str(BENCH / "pillow_ceiling.py"), str(image), "--threads", str(threads),
-            "--seconds", str(seconds), "--json"]
+            "--seconds", str(seconds), "--draft-factor", str(draft_factor), "--json"]
     before = load()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=True)
     result = json.loads(proc.stdout)

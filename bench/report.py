@@ -117,6 +117,8 @@ def tables(data: dict) -> list[str]:
                       "is 1/4, not 1/8), while the ceiling stays at w=320.")
                   + " Ratios to thumbor and to the raw Pillow ceiling "
                   f"(`bench/pillow_ceiling.py`, {data['settings']['threads']} threads, "
+                  "JPEG drafted to "
+                  f"{data['settings'].get('ceiling_draft_factor', 1.0):g}× the target, "
                   "no HTTP, no cache; the better of a pass before and one after the servers).", ""]
         header = "| image | Pillow ceiling |" + "".join(f" {t} |" for t in names)
         lines += [header, "| --- | ---: |" + " ---: |" * len(names)]

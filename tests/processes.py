@@ -19,6 +19,10 @@ A cluster is several processes with distinct loopback addresses::
                                "--join", f"127.0.0.3:{gossip}"], interface="127.0.0.2", ...)
     start_all([worker, gateway]); self.addCleanup(stop_all, [gateway, worker])
 
+A proxy process keeps its connections to an origin alive, which trial reports as
+a dirty reactor: ``origin = await live_origin(self, reactor)`` starts a
+``tests.origins`` origin that hangs up on them when the test ends.
+
 Each process logs to ``<base_dir>/<name>.log`` (``log_text()`` reads it); failures
 to start raise ``ProcessFailed`` with the tail of that log. Children get SIGTERM
 when the process that launched them dies (Linux ``PR_SET_PDEATHSIG``), so an
@@ -50,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -208,6 +214,38 @@ def request_async(reactor: Any, url: str, **kwargs: Any) -> Deferred[Reply]:
 def in_thread(reactor: Any, function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
     """Any blocking call (``start``, ``stop``, ``restart``) on the client thread pool."""
     return deferToThreadPool(reactor, _pool(), function, *args, **kwargs)
+
+
+# --- a loopback origin that a proxy process talks to -----------------------------------
+
+
+async def close_origin(reactor: Any, origin: Any) -> None:
+    """Stop listening and hang up on the proxy's kept-alive connections (trial wants a
+    clean reactor after each test)."""
+    address = (origin.interface, origin.port)
+    await origin.stop()
+    for _ in range(100):
+        lingering = [
+            selectable
+            for selectable in {*reactor.getReaders(), *reactor.getWriters()}
+            if isinstance(selectable, tcp.Server)
+            and (selectable.getHost().host, selectable.getHost().port) == address
+        ]
+        if not lingering:
+            return
+        for connection in lingering:
+            connection.abortConnection()
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+async def live_origin(testcase: Any, reactor: Any, interface: str = "127.0.0.1") -> Any:
+    """A ``tests.origins`` origin on ``interface``, closed (connections too) when the
+    test ends."""
+    from tests.origins import start_origin
+
+    origin = await start_origin(reactor, interface)
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(close_origin(reactor, origin)))
+    return origin
 
 
 # --- the process ----------------------------------------------------------------------------

@@ -21,16 +21,15 @@ from urllib.parse import quote, urlencode
 
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.origins import Origin, start_origin, unused_port
+from tests.origins import Origin, unused_port
 from tests.processes import (
     ImgproxyProcess,
     Reply,
     free_port,
+    live_origin,
     loopback_address,
     shared_imgproxy,
     spawn_imgproxy,
@@ -58,32 +57,6 @@ def live_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-async def close_origin(reactor: Any, origin: Origin) -> None:
-    """Stop listening and hang up on the proxy's kept-alive connections (trial wants a
-    clean reactor after each test)."""
-    address = (origin.interface, origin.port)
-    await origin.stop()
-    for _ in range(100):
-        lingering = [
-            selectable
-            for selectable in {*reactor.getReaders(), *reactor.getWriters()}
-            if isinstance(selectable, tcp.Server)
-            and (selectable.getHost().host, selectable.getHost().port) == address
-        ]
-        if not lingering:
-            return
-        for connection in lingering:
-            connection.abortConnection()
-        await deferLater(reactor, 0.01, lambda: None)
-
-
-async def live_origin(testcase: TestCase, reactor: Any, interface: str) -> Origin:
-    """A test origin on ``interface``, closed (connections too) when the test ends."""
-    origin = await start_origin(reactor, interface)
-    testcase.addCleanup(lambda: Deferred.fromCoroutine(close_origin(reactor, origin)))
-    return origin
 
 
 def decode(body: bytes) -> Image.Image:

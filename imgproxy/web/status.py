@@ -89,6 +89,9 @@ def chart_svg(shares: dict[str, float]) -> str:
 
 
 def stats_html(stats: dict[str, Any]) -> str:
+    """This node's cache figures; a node without a cache (a gateway) says so instead of zeros."""
+    if not stats:
+        return '<span class="muted">no cache on this node: its workers keep the images</span>'
     ratio = stats.get("hit_ratio")
     ratio_text = "–" if ratio is None else f"{ratio:.1%}"
     return (

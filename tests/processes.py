@@ -308,6 +308,7 @@ class ImgproxyProcess:
         self.ready_timeout = ready_timeout
         self.log_path = self.base_dir / f"{name}.log"
         self.returncode: int | None = None
+        self.ready = False  # answered ready_path since the last launch
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- addresses
@@ -364,6 +365,7 @@ class ImgproxyProcess:
                 preexec_fn=_die_with_parent,
             )
         self.returncode = None
+        self.ready = False
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``ready_path`` answers 200; ``ProcessFailed`` if the child dies first."""
@@ -378,6 +380,7 @@ class ImgproxyProcess:
                 )
             try:
                 if request(self.url(self.ready_path), timeout=2.0).status == 200:
+                    self.ready = True
                     return
             except (OSError, http.client.HTTPException):
                 pass
@@ -390,10 +393,11 @@ class ImgproxyProcess:
             delay = min(delay * 1.5, 0.25)
 
     def start(self, timeout: float | None = None) -> ImgproxyProcess:
-        """Launch and wait until ready. An automatically chosen port that another
-        process took in between is replaced by a new one (a few times)."""
+        """Launch (unless launched already) and wait until ready. An automatically chosen
+        port that another process took in between is replaced by a new one (a few times)."""
         for attempt in range(4):
-            self.launch()
+            if not self.running:  # else launched already: just wait for it
+                self.launch()
             try:
                 self.wait_ready(timeout)
                 return self
@@ -561,24 +565,29 @@ def spawn_imgproxy(
 _shared: dict[Any, ImgproxyProcess] = {}
 
 
-def shared_imgproxy(key: Any, *args: str, **kwargs: Any) -> ImgproxyProcess:
+def shared_imgproxy(key: Any, *args: str, wait: bool = True, **kwargs: Any) -> ImgproxyProcess:
     """One running process per ``key`` (e.g. a TestCase class), started on first use.
 
-    trial has no class-level tear-down, so the process lives until ``stop_shared(key)``
-    (call it from ``tearDownClass``, which pytest runs) or, at the latest, until the
-    test run exits. A process that died is started again.
+    With ``wait=False`` it is only launched (a later call waits for it): several
+    shared processes then start side by side. trial has no class-level tear-down,
+    so the process lives until ``stop_shared(key)`` (e.g. from ``tearDownClass``,
+    which pytest runs) or, at the latest, until the test run exits. A process
+    that died is started again.
     """
     process = _shared.get(key)
-    if process is not None and process.running:
-        return process
     if process is None:
         kwargs.setdefault("base_dir", tempfile.mkdtemp(prefix="imgproxy-shared-"))
         kwargs.setdefault("name", getattr(key, "__name__", "shared"))
         process = ImgproxyProcess(args, **kwargs)
         _shared[key] = process
         atexit.register(stop_shared, key)
-    process.start()
-    return process
+    if process.running and process.ready:
+        return process
+    if not wait:
+        if not process.running:
+            process.launch()
+        return process
+    return process.start()
 
 
 def stop_shared(key: Any) -> None:

@@ -92,9 +92,20 @@ class ProxyTestCase(TestCase):
     origin_interface: ClassVar[str] = "127.0.0.1"
     timeout = 60
 
+    _launched: ClassVar[bool] = False
+
+    @classmethod
+    def _proxy(cls, wait: bool = True) -> ImgproxyProcess:
+        return shared_imgproxy(cls.proxy_args, *cls.proxy_args, name="standalone", wait=wait)
+
     def setUp(self) -> Deferred[None]:
         self.reactor = live_reactor()
-        self.proxy = shared_imgproxy(self.proxy_args, *self.proxy_args, name="standalone")
+        if not ProxyTestCase._launched:
+            # Every configuration starts now, side by side, rather than class by class.
+            ProxyTestCase._launched = True
+            for subclass in {type(self), *ProxyTestCase.__subclasses__()}:
+                subclass._proxy(wait=False)
+        self.proxy = self._proxy()
         return Deferred.fromCoroutine(self._start_origin())
 
     async def _start_origin(self) -> None:

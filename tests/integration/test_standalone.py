@@ -14,6 +14,7 @@ import hmac
 import io
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from typing import Any, ClassVar
@@ -677,10 +678,22 @@ class LimitTests(ProxyTestCase):
 
     async def test_an_origin_slower_than_the_fetch_timeout_is_504(self) -> None:
         self.origin.drip("/slow.jpg", None, first=b"\xff\xd8")
+        # A listener that never accepts: the kernel completes the handshake, nobody answers.
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}/never.jpg"
 
-        reply = await self.get(image_query(self.origin.url("/slow.jpg")))
+        replies = await gatherResults(
+            [
+                self.get(image_query(self.origin.url("/slow.jpg"))),
+                self.get(image_query(silent_url)),
+            ]
+        )
 
-        self.assert_error(reply, 504)
+        for reply in replies:
+            self.assert_error(reply, 504)
 
     async def test_an_origin_on_a_loopback_address_not_allowed_is_403(self) -> None:
         other = await self.start_origin(loopback_address())

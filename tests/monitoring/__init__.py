@@ -43,6 +43,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import deferLater
 
+from imgproxy.params import source_key_of
+from imgproxy.placement import Placement, WorkerRef
 from tests.origins import Origin, start_origin
 from tests.processes import (
     ImgproxyProcess,
@@ -335,6 +337,13 @@ class LoopbackCluster:
         """The gateway's ``/image`` path for ``url`` with transform ``params``."""
         query = [("url", url), *((k, str(v)) for k, v in params.items())]
         return "/image?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+
+    def owner_of(self, url: str) -> ImgproxyProcess:
+        """The worker that owns ``url``'s images while every worker is alive."""
+        placement = Placement([WorkerRef(w.name, w.interface, w.port) for w in self.workers])
+        owner = placement.owner(source_key_of(url))
+        assert owner is not None
+        return next(w for w in self.workers if w.name == owner.name)
 
     def members_alive(self) -> bool | None:
         """True once the gateway sees every process alive (blocking; None: not yet)."""

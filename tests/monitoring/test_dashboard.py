@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.monitoring import (
@@ -165,6 +166,7 @@ class DashboardTests(SynchronousTestCase):
             self.assertLessEqual(legend_labels(target.legend), labels, str(target))
 
 
+@pytest.mark.slow  # real processes: 20-40 s on a busy 2-core machine
 class ExportedMetricsTests(TestCase):
     """Every metric name in the dashboard, on the live ``/metrics`` of a gateway and a worker."""
 

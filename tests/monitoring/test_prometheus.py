@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.monitoring import (
@@ -121,6 +122,7 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertNotEqual(promtool("check", "rules", str(path)).returncode, 0)
 
 
+@pytest.mark.slow  # real processes: 20-40 s on a busy 2-core machine
 class ScrapeTests(TestCase):
     """Real Prometheus, a real cluster, and every dashboard expression queried."""
 

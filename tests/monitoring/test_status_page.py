@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 from PIL import Image
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -135,6 +136,7 @@ def chromium(url: str, *args: str, timeout: float = 40) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow  # real processes: 20-40 s on a busy 2-core machine
 class StatusPageTests(TestCase):
     """The gateway's page in a real browser: members table, chart, refresh, screenshot."""
 

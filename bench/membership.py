@@ -465,8 +465,6 @@ def simulated(quick: bool) -> list[str]:
     """Loss and slow-prober false deaths of our state machine in the simulation harness."""
     from functools import partial
 
-    import attrs
-
     from imgproxy.membership.messages import NodeState
     from imgproxy.membership.profiles import LAN, LOCAL
     from tests.membership.simulation import Simulation
@@ -508,7 +506,6 @@ def simulated(quick: bool) -> list[str]:
             rows.append(f"| slow prober, acks {lag_probes}x probe timeout late "
                         f"| {profile.name} | 10 | {duration:.0f} s | {seeds} "
                         f"| {healthy} healthy, {slow_deaths} of the slow node |")
-    _ = attrs  # evolve is available for ad-hoc variants
     return rows
 
 

@@ -22,6 +22,7 @@ from tests.hostile import (
     image_path,
     live_reactor,
     memory_kb,
+    report,
     shared_proxy,
 )
 from tests.hostile.origin import (
@@ -95,6 +96,7 @@ class LimitTests(BadSourceTestCase):
         before = memory_kb(self.proxy.pid)
         replies = [await self.get(path), await self.get(path, w=100, format="jpeg")]
         after = memory_kb(self.proxy.pid)
+        report(f"bomb: memory before {before} after {after} (kB)")
         for reply in replies:
             assert_json_error(reply, 413)
             self.assertIn("50000x50000", reply.json()["error"])
@@ -112,6 +114,7 @@ class LimitTests(BadSourceTestCase):
         reply = await self.get(path)
         assert_json_error(reply, 413)
         sent = await self.dropped(stream)
+        report(f"1 GB declared: the origin had sent {sent} bytes when the proxy hung up")
         # 1 GB declared; the proxy refused on the header and hung up at once.
         self.assertLess(sent, 16 << 20)
 
@@ -124,6 +127,7 @@ class LimitTests(BadSourceTestCase):
         assert_json_error(reply, 413)
         sent = await self.dropped(stream)
         after = memory_kb(self.proxy.pid)
+        report(f"endless body: {sent} bytes sent before the drop; memory {before} -> {after}")
         self.assertGreater(sent, MAX_SOURCE_BYTES)  # it did read up to the limit...
         self.assertLess(sent, 32 * MAX_SOURCE_BYTES)  # ...and stopped soon after
         self.assertLess(after["VmRSS"] - before["VmRSS"], MEMORY_JUMP_KB, (before, after))
@@ -151,6 +155,7 @@ class SlowOriginTests(BadSourceTestCase):
         behaviours = [self.origin.silent(), self.origin.stall(), self.origin.drip_forever()]
         results = await gatherResults([self.timed_get(path) for path, _ in behaviours])
         for (path, stream), (reply, seconds) in zip(behaviours, results, strict=True):
+            report(f"{path}: {reply.status} after {seconds:.2f}s")
             assert_json_error(reply, 504)
             self.assertGreaterEqual(seconds, FETCH_TIMEOUT - 0.05, path)
             self.assertLess(seconds, FETCH_TIMEOUT + TIMEOUT_MARGIN, path)

@@ -15,12 +15,18 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from tests.hostile import PERMISSIVE, assert_json_error, image_path, live_reactor, shared_proxy
+from tests.hostile import (
+    PERMISSIVE,
+    RESTRICTED,
+    assert_json_error,
+    image_path,
+    live_reactor,
+    shared_proxy,
+)
 from tests.hostile.origin import HostileOrigin, decode, noise_png
 from tests.processes import Reply
 
-ALLOWED_NETWORK = "127.0.0.5"
-RESTRICTED = ("--allow-networks", f"{ALLOWED_NETWORK}/32", "--fetch-timeout", "2s")
+ALLOWED_NETWORK = "127.0.0.5"  # what RESTRICTED allows
 IMAGE = noise_png(24, 16, seed=21)
 
 
@@ -68,6 +74,22 @@ class SSRFTestCase(TestCase):
             "compatible": f"http://[::127.0.0.1]:{port}/cat.png",
             "upper-case name": f"http://LOCALHOST:{port}/cat.png",
             "user info": f"http://{ALLOWED_NETWORK}@127.0.0.1:{port}/cat.png",
+            "backslash before user info": f"http://{ALLOWED_NETWORK}:1\\@127.0.0.1:{port}/",
+            "mixed radix": f"http://0x7f.0.0.1:{port}/cat.png",
+            "IPv6 zone": f"http://[::1%25lo]:{port}/cat.png",
+            "mapped with zone": f"http://[::ffff:127.0.0.1%25lo]:{port}/cat.png",
+            "NAT64": f"http://[64:ff9b::7f00:1]:{port}/cat.png",
+            "6to4": f"http://[2002:7f00:1::]:{port}/cat.png",
+            "HTTPS to a name": f"https://localhost:{port}/cat.png",
+        }
+
+    def unicode_spellings(self) -> dict[str, str]:
+        """Spellings that IDNA or NFKC turn into loopback (not sendable in a Location)."""
+        port = self.target.port
+        return {
+            "full-width name": f"http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:{port}/",
+            "ideographic dots": f"http://127\u30020\u30020\u30021:{port}/cat.png",
+            "circled digits": f"http://\u2460\u2461\u2466.0.0.1:{port}/cat.png",
         }
 
     def redirects(self, targets: dict[str, str]) -> dict[str, str]:
@@ -100,7 +122,8 @@ class DefaultPolicyTests(SSRFTestCase):
         self.assertEqual(reply.status, 200, reply.body[:200])
 
     async def test_loopback_is_refused_directly(self) -> None:
-        for name, url in {**self.loopback_urls(), **self.odd_spellings()}.items():
+        cases = {**self.loopback_urls(), **self.odd_spellings(), **self.unicode_spellings()}
+        for name, url in cases.items():
             reply = await self.get(self.proxy, url)
             self.assertEqual(reply.status, 403, (name, reply.body[:200]))
             assert_json_error(reply, 403)

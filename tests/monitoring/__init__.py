@@ -12,7 +12,10 @@ The shared pieces of the three test modules live here:
 - ``plan_cluster`` and ``start_cluster``: a gateway and workers as real
   ``twistd -n imgproxy`` processes on random 127.x addresses, in front of a loopback
   origin serving JPEGs;
-- ``PrometheusServer``: Debian's ``prometheus`` binary on loopback, with the HTTP API.
+- ``LoopbackDns``: a DNS server on a loopback address, for Prometheus's service
+  discovery (``dns_discovery_config`` keeps the configuration's discovery as written);
+- ``PrometheusServer``: Debian's ``prometheus`` binary on loopback, with the HTTP API,
+  optionally with its own ``/etc/resolv.conf`` pointing at a ``LoopbackDns``.
 
 Waiting on real processes is polling against a wall-clock deadline (there is no event to
 wait on), through the reactor, so the origin it runs keeps serving meanwhile.
@@ -29,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,7 +45,11 @@ from typing import Any, TypeVar
 import attrs
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.task import deferLater
+from twisted.names import dns
+from twisted.names.error import DNSNameError
+from twisted.names.server import DNSServerFactory
 
 from imgproxy.params import source_key_of
 from imgproxy.placement import Placement, WorkerRef
@@ -364,13 +372,15 @@ async def plan_cluster(
     workers: int = 2,
     images: int = 8,
     worker_args: Sequence[str] = (),
+    same_port: bool = False,
 ) -> LoopbackCluster:
     """An origin (running) serving ``images`` JPEGs, and a gateway and ``workers``
     workers (not started yet: see ``start_cluster``); all stopped at clean-up.
 
     Each node has its own random 127.x address (other tests run at the same
     time); its HTTP address is known before it starts, so a Prometheus
-    configuration can name it.
+    configuration can name it. ``same_port`` puts every node's HTTP listener on
+    one port, as in containers (DNS discovery gives addresses, not ports).
     """
     origin = await start_origin(reactor, "127.0.0.1")
     testcase.addCleanup(origin.stop)
@@ -382,15 +392,16 @@ async def plan_cluster(
 
     base_dir = tempfile.mkdtemp(prefix="imgproxy-monitoring-")
     testcase.addCleanup(shutil.rmtree, base_dir, True)
-    gateway_address = loopback_address()
+    addresses = [loopback_address() for _ in range(workers + 1)]
+    port = common_free_port(addresses) if same_port else None
+    gateway_address = addresses[0]
     gateway_gossip = free_port(gateway_address, udp=True)
     gateway = ImgproxyProcess(
         ["--role", "gateway", *cluster_flags(gateway_address, gateway_gossip, "gateway-1")],
-        interface=gateway_address, base_dir=base_dir, name="gateway-1",
+        interface=gateway_address, port=port, base_dir=base_dir, name="gateway-1",
     )
     nodes = [gateway]
-    for index in range(1, workers + 1):
-        address = loopback_address()
+    for index, address in enumerate(addresses[1:], start=1):
         name = f"worker-{index}"
         nodes.append(ImgproxyProcess(
             [
@@ -398,7 +409,7 @@ async def plan_cluster(
                 "--join", f"{gateway_address}:{gateway_gossip}",
                 "--allow-private-sources", *worker_args,
             ],
-            interface=address, base_dir=base_dir, name=name,
+            interface=address, port=port, base_dir=base_dir, name=name,
         ))
     testcase.addCleanup(stop_all, nodes)
     return LoopbackCluster(gateway=gateway, workers=nodes[1:], origin=origin, image_urls=urls)
@@ -411,6 +422,85 @@ async def start_cluster(reactor: Any, cluster: LoopbackCluster, timeout: float =
         node.launch()
     await in_thread(reactor, lambda: [node.wait_ready() for node in cluster.processes])
     await poll(reactor, cluster.members_alive, timeout, "the cluster forming")
+
+
+# --- a DNS server for Prometheus's service discovery -------------------------------------------
+
+
+class LoopbackDns:
+    """An authoritative DNS server on ``address:53`` (UDP and TCP) answering A queries.
+
+    ``records`` maps a name (``worker``) to its addresses and may change while it
+    runs, the way Docker's DNS answers change as replicas come and go. Other names
+    get NXDOMAIN, other types an empty answer.
+    """
+
+    def __init__(self, address: str, records: dict[str, list[str]]) -> None:
+        self.address = address
+        self.records = records
+        self.queries: list[tuple[str, int]] = []
+        self._ports: list[Any] = []
+
+    def query(self, query: dns.Query, timeout: Any = None) -> Deferred[Any]:
+        """The ``IResolver.query`` the server's resolver chain calls."""
+        name = query.name.name.decode("ascii", "replace").rstrip(".").lower()
+        self.queries.append((name, query.type))
+        addresses = self.records.get(name)
+        if addresses is None:
+            return fail(DNSNameError(name))
+        if query.type != dns.A:
+            return succeed(([], [], []))
+        answers = [
+            dns.RRHeader(name=query.name.name, type=dns.A, ttl=1, auth=True,
+                         payload=dns.Record_A(address, ttl=1))
+            for address in addresses
+        ]
+        return succeed((answers, [], []))
+
+    def start(self, reactor: Any) -> None:
+        """Listen on port 53 of ``address`` (root only, like any port under 1024)."""
+        factory = DNSServerFactory(authorities=[self])
+        self._ports = [
+            reactor.listenUDP(53, dns.DNSDatagramProtocol(factory), interface=self.address),
+            reactor.listenTCP(53, factory, interface=self.address),
+        ]
+
+    def stop(self) -> Deferred[Any]:
+        return gatherResults([maybeDeferred(port.stopListening) for port in self._ports])
+
+    def resolv_conf(self) -> str:
+        """A resolv.conf that sends every lookup here (and only here)."""
+        return f"nameserver {self.address}\noptions timeout:1 attempts:2\n"
+
+
+def dns_discovery_config(
+    config_text: str, port: int, prometheus_authority: str, scrape_interval: str = "1s"
+) -> str:
+    """``config_text`` unchanged but for the discovered port, the scrape interval and
+    Prometheus's own address: the DNS discovery itself stays exactly as written."""
+    lines = config_text.splitlines()
+    for start, end, _, _ in list(_dns_blocks(lines)):
+        for i in range(start, end):
+            lines[i] = re.sub(r"^(\s*)port:\s*\d+\s*$", rf"\g<1>port: {port}", lines[i])
+    text = "\n".join(lines) + "\n"
+    text = re.sub(r"(?m)^(\s*scrape_interval:).*$", rf"\1 {scrape_interval}", text)
+    text = re.sub(r"(?m)^(\s*scrape_timeout:).*$", rf"\1 {scrape_interval}", text)
+    return text.replace("localhost:9090", prometheus_authority)
+
+
+def common_free_port(addresses: Iterable[str]) -> int:
+    """A TCP port free on every one of ``addresses`` right now."""
+    addresses = list(addresses)
+    for _ in range(100):
+        port = free_port(addresses[0])
+        try:
+            for address in addresses[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise OSError(f"no port free on all of {addresses}")
 
 
 # --- Prometheus ------------------------------------------------------------------------------
@@ -439,19 +529,35 @@ class PrometheusServer:
         self.log_path = self.base_dir / "prometheus.log"
         self._process: subprocess.Popen[bytes] | None = None
 
-    def launch(self, config_text: str) -> None:
-        """Write the configuration and start the server (returns at once)."""
+    def launch(self, config_text: str, resolv_conf: str | None = None) -> None:
+        """Write the configuration and start the server (returns at once).
+
+        With ``resolv_conf``, Prometheus runs in a mount namespace of its own where
+        that file is ``/etc/resolv.conf``: its DNS lookups go where the test says,
+        and nothing else on the machine sees the change.
+        """
         self.config_path.write_text(config_text, "utf-8")
+        command = [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.base_dir / 'data'}",
+            f"--web.listen-address={self.authority}",
+            "--storage.tsdb.retention.time=1h",
+            "--log.level=warn",
+        ]
+        if resolv_conf is not None:
+            resolv = self.base_dir / "resolv.conf"
+            resolv.write_text(resolv_conf, "ascii")
+            # unshare and sh both exec: the pid stays Prometheus's, and so does the
+            # parent-death signal.
+            command = [
+                "unshare", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                str(resolv), *command,
+            ]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_path}",
-                    f"--storage.tsdb.path={self.base_dir / 'data'}",
-                    f"--web.listen-address={self.authority}",
-                    "--storage.tsdb.retention.time=1h",
-                    "--log.level=warn",
-                ],
+                command,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.base_dir, preexec_fn=_die_with_parent,
             )

@@ -4,27 +4,38 @@ Debian's ``prometheus`` scrapes a small real cluster (one gateway, two workers)
 through a loopback copy of ``docker/prometheus/prometheus.yml``, while the test
 sends misses, hits and, after killing a worker, failovers; then every expression
 the Grafana dashboard uses must return data through ``/api/v1/query``.
+
+The configuration's DNS discovery runs as written too: Prometheus gets a private
+``/etc/resolv.conf`` (a mount namespace of its own) naming a loopback DNS server
+that answers ``gateway`` and ``worker`` with the replicas' addresses, the way
+Docker's DNS does, and a replica added to the answer is scraped within a refresh.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.error import CannotListenError
+from twisted.names import dns
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.monitoring import (
     PROMETHEUS_CONFIG_PATH,
     DnsDiscovery,
     LoopbackCluster,
+    LoopbackDns,
     PrometheusServer,
     dashboard_targets,
     dns_discoveries,
+    dns_discovery_config,
     ensure_debs,
     finite_values,
     legend_labels,
@@ -34,7 +45,7 @@ from tests.monitoring import (
     poll,
     start_cluster,
 )
-from tests.processes import Reply, in_thread
+from tests.processes import Reply, in_thread, loopback_address
 
 
 def live_reactor() -> Any:
@@ -216,3 +227,66 @@ class ScrapeTests(TestCase):
             {series["metric"]["worker"] for series in per_worker},
             {worker.name for worker in cluster.workers},
         )
+
+
+@pytest.mark.slow  # real processes: 20-40 s on a busy 2-core machine
+class DnsDiscoveryTests(TestCase):
+    """The compose configuration's own DNS discovery, answered by a loopback DNS server."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        require_prometheus()
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            raise SkipTest("needs root and unshare: a DNS server on port 53, a private resolv.conf")
+        self.reactor = live_reactor()
+
+    async def test_every_replica_is_scraped_and_a_new_one_found_within_a_refresh(self) -> None:
+        cluster = await plan_cluster(self, self.reactor, workers=2, images=0, same_port=True)
+        gateway, first, second = cluster.processes
+        # At first the name `worker` stands for one replica, as after `docker compose up`.
+        resolver = LoopbackDns(
+            loopback_address(), {"gateway": [gateway.interface], "worker": [first.interface]}
+        )
+        try:
+            resolver.start(self.reactor)
+        except CannotListenError as error:
+            raise SkipTest(f"cannot serve DNS on {resolver.address}:53: {error}") from None
+        self.addCleanup(resolver.stop)
+        directory = tempfile.mkdtemp(prefix="imgproxy-prometheus-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        prometheus = PrometheusServer(directory)
+        config = dns_discovery_config(
+            PROMETHEUS_CONFIG_PATH.read_text("utf-8"), gateway.port, prometheus.authority
+        )
+        prometheus.launch(config, resolv_conf=resolver.resolv_conf())
+        self.addCleanup(prometheus.stop)
+        await start_cluster(self.reactor, cluster)
+
+        def scraped(expected: dict[str, set[str]]) -> Callable[[], bool | None]:
+            def check() -> bool | None:
+                found: dict[str, set[str]] = {"gateway": set(), "worker": set()}
+                for target in prometheus.targets():
+                    job = target["labels"]["job"]
+                    if job in found and target["health"] == "up":
+                        self.assertEqual(target["labels"]["role"], job)
+                        found[job].add(target["labels"]["instance"])
+                if found != expected:
+                    raise AssertionError(f"scraped {found}, expected {expected}")
+                return True
+            return check
+
+        await poll(
+            self.reactor,
+            scraped({"gateway": {gateway.authority}, "worker": {first.authority}}),
+            20, "the discovered replicas scraped",
+        )
+        # `--scale worker=2`: the name now stands for both; the config's refresh finds it.
+        resolver.records["worker"] = [first.interface, second.interface]
+        both = {first.authority, second.authority}
+        await poll(
+            self.reactor,
+            scraped({"gateway": {gateway.authority}, "worker": both}),
+            20, "the new replica scraped",
+        )
+        self.assertIn(("worker", dns.A), resolver.queries)

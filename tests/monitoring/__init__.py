@@ -589,16 +589,6 @@ class PrometheusServer:
         with urllib.request.urlopen(url, timeout=10) as response:
             return json.loads(response.read().decode("utf-8"))
 
-    def ready(self) -> bool | None:
-        """True once the HTTP API answers (blocking; None: not yet)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.authority}/-/ready", timeout=2) as reply:
-                return True if reply.status == 200 else None
-        except OSError:
-            if self._process is None or self._process.poll() is not None:
-                raise RuntimeError("prometheus exited:\n" + self.log_tail()) from None
-            return None
-
     def targets(self) -> list[dict[str, Any]]:
         """The active targets (``/api/v1/targets``)."""
         return self._get("/api/v1/targets", state="active")["data"]["activeTargets"]

@@ -47,6 +47,8 @@ ORIGIN = "http://origin:8000"
 ARTIFACTS = ROOT / "test-artifacts"
 # Distinct sources in the request stream: enough that every worker owns some of them.
 STREAM_KEYS = 60
+# Client threads of the request stream, so also the most requests in flight at any moment.
+STREAM_THREADS = 4
 
 T = TypeVar("T")
 
@@ -227,7 +229,7 @@ class Outcome:
 class RequestStream:
     """Threads sending image requests through one port until stopped; every outcome kept."""
 
-    def __init__(self, port: int, threads: int = 4) -> None:
+    def __init__(self, port: int, threads: int = STREAM_THREADS) -> None:
         self.port = port
         self._keys = itertools.count()
         self._lock = threading.Lock()
@@ -415,9 +417,10 @@ class ComposeClusterTests(SynchronousTestCase):
             figures["worker_kill"]["gateway_log"] = [
                 line for line in lines if "fail" in line.lower() or "error" in line.lower()
             ][:40]
-        # Once the cluster knows, nothing may fail; before, the gateways fail over.
-        self.assertEqual(failures_after, [])
-        self.assertLessEqual(len(failures_during), max(1, len(during) // 10), figures)
+        # Once the cluster knows, nothing may fail. Before, the gateways fail over to the next
+        # worker; at most the requests in flight when the worker died may be lost.
+        self.assertEqual(failures_after, [], figures)
+        self.assertLessEqual(len(failures_during), STREAM_THREADS, figures)
 
     def _scaled_up(
         self, compose: Compose, lb_port: int, figures: dict[str, Any]

@@ -14,9 +14,8 @@ from urllib.parse import urlencode
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
-from twisted.web.client import Agent, ResponseFailed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from imgproxy.auth import RequestSigner
@@ -95,14 +94,26 @@ class WorkerClient:
         if query:
             url += b"?" + query
         headers = self._headers(method, path, query, body)
-        d = self._http.request(method.decode("ascii"), url, headers=headers, data=body or None)
+
+        @inlineCallbacks
+        def exchange():  # type: ignore[no-untyped-def]
+            response = yield self._http.request(
+                method.decode("ascii"), url, headers=headers, data=body or None
+            )
+            content = yield treq.content(response)
+            return response, content
+
+        # One deadline for the whole exchange: a worker that sends its headers
+        # and then stalls (SIGSTOP) must not hold the request forever.
+        d = exchange()
         d.addTimeout(timeout, self._reactor)
         try:
-            response = yield d
-            content = yield treq.content(response)
+            response, content = yield d
         except (CancelledError, TimeoutError):
             raise WorkerUnavailable(worker, f"no answer within {timeout:g}s") from None
-        except (ConnectError, ConnectionLost, ResponseFailed, OSError) as error:
+        except Exception as error:
+            # Refused, reset, cancelled while connecting, failed to send or to
+            # read: whatever the transport says, the next worker may answer.
             raise WorkerUnavailable(worker, type(error).__name__) from None
         return response, content
 

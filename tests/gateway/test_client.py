@@ -1,0 +1,67 @@
+"""The worker client: every transport failure is a reason to fail over, never a 502."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
+from imgproxy.params import TransformSpec
+from imgproxy.placement import WorkerRef
+
+WORKER = WorkerRef("w1", "127.0.0.9", 8080)
+SPEC = TransformSpec("http://origin.test/a.jpg", width=10)
+
+
+class ScriptedHttp:
+    """A treq-like client whose request outcome the test sets."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def request(self, method, url, headers=None, data=None):
+        return self.outcome() if callable(self.outcome) else self.outcome
+
+
+class StalledResponse:
+    """Headers arrived, the body never does."""
+
+    code = 200
+    length = UNKNOWN_LENGTH
+    headers = Headers()
+
+    def deliverBody(self, protocol) -> None:
+        pass
+
+
+class WorkerClientFailureTests(SynchronousTestCase):
+    def client(self, outcome, clock: Clock | None = None) -> WorkerClient:
+        return WorkerClient(clock or Clock(), None, lookup_timeout=2.0, http=ScriptedHttp(outcome))
+
+    def test_transport_failures_become_worker_unavailable(self) -> None:
+        for error in (ConnectionRefusedError(), ConnectingCancelledError(None),
+                      RequestTransmissionFailed([]), OSError("reset")):
+            with self.subTest(error=type(error).__name__):
+                d = self.client(lambda e=error: fail(e)).lookup(WORKER, SPEC)
+                self.failureResultOf(d, WorkerUnavailable)
+
+    def test_no_answer_within_the_timeout(self) -> None:
+        clock = Clock()
+        d = self.client(lambda: Deferred(), clock).lookup(WORKER, SPEC)
+        self.assertNoResult(d)
+        clock.advance(2.0)
+        self.assertIn("no answer", self.failureResultOf(d, WorkerUnavailable).value.why)
+
+    def test_a_body_that_stalls_after_the_headers_times_out_too(self) -> None:
+        clock = Clock()
+        response: Deferred = Deferred()
+        d = self.client(lambda: response, clock).lookup(WORKER, SPEC)
+        response.callback(StalledResponse())
+        self.assertNoResult(d)
+        clock.advance(2.0)
+        self.failureResultOf(d, WorkerUnavailable)

@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite uses as real peers.
-TEST_DEBS := serf iproute2 procps
+# Debian packages the test suite uses as real peers: serf (membership interop), prometheus
+# (promtool and the real server), chromium (the status page), iptables and iproute2 (partitions).
+TEST_DEBS := serf iproute2 procps iptables prometheus chromium
 
 IMGPROXY_ARGS ?=
 
-.PHONY: run test test-fast lint bench clean venv
+.PHONY: run test test-docker lint bench docker-base docker-wheelhouse docker-build docker-up docker-down clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { ./scripts/ensure-debs python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -30,6 +31,32 @@ run: $(STAMP)
 test: $(STAMP)
 	./scripts/ensure-debs $(TEST_DEBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The compose end-to-end test: builds the images (base image made locally when no registry
+# is reachable), brings up a scaled cluster, kills and scales it, tears it down.
+test-docker: $(STAMP) docker-base
+	IMGPROXY_DOCKER_TESTS=1 $(BIN)/python -m pytest -q tests/cluster/test_compose.py
+
+docker-base:
+	./scripts/docker-base
+
+docker-wheelhouse: $(STAMP)
+	PYTHON=$(BIN)/python ./scripts/wheelhouse
+
+docker-build: docker-base docker-wheelhouse
+	./scripts/compose build
+
+GATEWAYS ?= 1
+WORKERS ?= 1
+docker-up: docker-build
+	./scripts/compose up --scale gateway=$(GATEWAYS) --scale worker=$(WORKERS)
+
+docker-down:
+	./scripts/compose down -v
+
+# Side-by-side benchmarks (thumbor, nginx, raw Pillow, serf); rewrites bench/results/.
+bench: $(STAMP)
+	./bench/run-all $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check imgproxy tests bench twisted

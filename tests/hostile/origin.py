@@ -26,9 +26,13 @@ from typing import Any
 import attrs
 from PIL import Image
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from tests.origins import Origin, Stream, _Leaf, start_origin
 
@@ -173,6 +177,79 @@ def noise_png(width: int, height: int, seed: int) -> bytes:
 
 
 # --- behaviours ---------------------------------------------------------------------------
+
+
+@implementer(IPullProducer)
+class _Repeat:
+    """Writes ``chunk`` whenever the transport wants more, until stopped."""
+
+    def __init__(self, transport: Any, chunk: bytes, counter: RawOrigin) -> None:
+        self._transport = transport
+        self._chunk = chunk
+        self._counter = counter
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        if not self._stopped:
+            self._counter.sent += len(self._chunk)
+            self._transport.write(self._chunk)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+class _RawResponder(Protocol):
+    """Once the request's head is in, write ``head``, then ``repeat`` for ever (if given)."""
+
+    def __init__(self, origin: RawOrigin) -> None:
+        self._origin = origin
+        self._received = b""
+        self._answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        if self._answered or b"\r\n\r\n" not in self._received:
+            return
+        self._answered = True
+        assert self.transport is not None
+        self.transport.write(self._origin.head)
+        self._origin.sent += len(self._origin.head)
+        if self._origin.repeat:
+            self.transport.registerProducer(
+                _Repeat(self.transport, self._origin.repeat, self._origin), False
+            )
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._origin.closed.called:
+            self._origin.closed.callback(self._origin.sent)
+
+
+@attrs.define(eq=False)
+class RawOrigin:
+    """A TCP origin that answers any request with raw bytes: ``head``, then ``repeat`` for
+    ever (a header flood, a status line that never ends...). ``closed`` fires with the bytes
+    sent when the first connection ends."""
+
+    head: bytes
+    repeat: bytes = b""
+    sent: int = 0
+    closed: Deferred[int] = attrs.field(factory=Deferred)
+    _port: Any = None
+
+    @classmethod
+    def start(cls, reactor: Any, head: bytes, repeat: bytes = b"") -> RawOrigin:
+        origin = cls(head, repeat)
+        factory = Factory.forProtocol(lambda: _RawResponder(origin))
+        origin._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        return origin
+
+    def url(self, path: str = "/raw.png") -> str:
+        return f"http://127.0.0.1:{self._port.getHost().port}{path}"
+
+    def stop(self) -> Deferred[None]:
+        return self._port.stopListening() or succeed(None)
 
 
 class _Silent(_Leaf):

@@ -7,6 +7,7 @@ a 2 s fetch timeout); each test has its own hostile origin on a fresh port.
 from __future__ import annotations
 
 import functools
+import gzip
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.hostile import (
 from tests.hostile.origin import (
     HTML,
     HostileOrigin,
+    RawOrigin,
     Stream,
     bomb_png,
     cmyk_jpeg,
@@ -215,6 +217,34 @@ class BrokenSourceTests(BadSourceTestCase):
         expected = {"/short.jpg": 502, "/reset.jpg": 502, "/error.jpg": 502, "/gone.jpg": 404}
         for path, status in expected.items():
             assert_json_error(await self.get(path), status)
+
+    async def test_raw_protocol_abuse_by_the_origin_gets_502(self) -> None:
+        flood = RawOrigin.start(
+            self.reactor, b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n",
+            repeat=b"X-Flood: " + b"a" * 1000 + b"\r\n",
+        )
+        endless_line = RawOrigin.start(self.reactor, b"HTTP/1.1 200 ", repeat=b"O" * 4096)
+        not_http = RawOrigin.start(self.reactor, b"SSH-2.0-OpenSSH_9.6\r\n" + b"\x00" * 64)
+        bad_status = RawOrigin.start(self.reactor, b"HTTP/1.1 2OO OK\r\n\r\n")
+        bad_length = RawOrigin.start(
+            self.reactor, b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n\x89PNG"
+        )
+        for origin in (flood, endless_line, not_http, bad_status, bad_length):
+            self.addCleanup(origin.stop)
+            reply = await self.proxy.request_async(self.reactor, image_path(origin.url()))
+            assert_json_error(reply, 502)
+        # The header flood was cut off at the limit (plus room for headers), not read for ever.
+        self.assertLess(await flood.closed, 4 * MAX_SOURCE_BYTES)
+        self.assertLess(await endless_line.closed, 4 * MAX_SOURCE_BYTES)
+
+    async def test_a_compressed_body_is_not_inflated(self) -> None:
+        # Asked for identity, sent gzip anyway: the bytes are not an image, and a zip bomb
+        # would never be inflated.
+        body = gzip.compress(noise_png(20, 20, seed=9))
+        self.origin.origin.add("/zipped.png", body, "image/png",
+                               headers={"Content-Encoding": "gzip"})
+        reply = await self.get("/zipped.png")
+        assert_json_error(reply, 415)
 
     async def test_redirect_loops_and_long_chains_get_502(self) -> None:
         loop = self.origin.redirect_loop()

@@ -130,7 +130,12 @@ class DefaultPolicyTests(SSRFTestCase):
         self.assert_targets_untouched()
 
     async def test_loopback_is_refused_after_a_redirect(self) -> None:
-        targets = {**self.loopback_urls(), **self.odd_spellings()}
+        targets = {
+            **self.loopback_urls(),
+            **self.odd_spellings(),
+            "scheme-relative": f"//127.0.0.1:{self.target.port}/cat.png",
+            "scheme-relative IPv6": f"//[::1]:{self.target6.port}/cat.png",
+        }
         for name, url in self.redirects(targets).items():
             reply = await self.get(self.proxy, url)
             self.assertEqual(reply.status, 403, (name, reply.body[:200]))

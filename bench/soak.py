@@ -57,6 +57,32 @@ TWISTD = REPOSITORY / ".venv" / "bin" / "twistd"
 
 MIB = 1024 * 1024
 
+# ``--tracemalloc``: twistd run under tracemalloc, the traced total written every 10 s and a
+# snapshot every 60 s into the node's directory, to tell Python objects that pile up from
+# memory the C allocator keeps (compare two snapshots with ``--compare A B``). Tracing
+# starts 15 s after launch.
+TRACED_TWISTD = r"""
+import os, sys, threading, time, tracemalloc
+out = os.environ["SOAK_TRACE_DIR"]
+def record():
+    # Tracing from the first import makes start-up take minutes (re compiles): begin once up.
+    time.sleep(15)
+    tracemalloc.start(8)
+    tick = 0
+    while True:
+        time.sleep(10)  # a diagnostic side thread: wall-clock sampling is the point
+        tick += 1
+        current, peak = tracemalloc.get_traced_memory()
+        with open(os.path.join(out, "traced.tsv"), "a") as f:
+            f.write(f"{time.time():.1f}\t{current}\t{peak}\n")
+        if tick % 6 == 0:
+            tracemalloc.take_snapshot().dump(os.path.join(out, f"snapshot-{tick // 6:03d}.bin"))
+threading.Thread(target=record, name="soak-tracemalloc", daemon=True).start()
+sys.argv = ["twistd", *sys.argv[1:]]
+from twisted.scripts.twistd import run
+run()
+"""
+
 # --- processes ------------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
@@ -100,6 +126,10 @@ def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int
 class Node:
     """One ``twistd -n imgproxy`` child on ``address:port``, with its own cache and log."""
 
+    # Set by main(): extra environment and tracing for every node.
+    extra_env: dict[str, str] = {}
+    traced = False
+
     def __init__(self, name: str, address: str, port: int, args: Sequence[str], base: Path,
                  member_name: str = "") -> None:
         self.name = name
@@ -118,6 +148,9 @@ class Node:
 
     @property
     def command(self) -> list[str]:
+        if self.traced:
+            python = str(TWISTD.parent / "python")
+            return [python, "-c", TRACED_TWISTD, "-n", "--pidfile=", "imgproxy", *self.args]
         return [str(TWISTD), "-n", "--pidfile=", "imgproxy", *self.args]
 
     @property
@@ -133,6 +166,9 @@ class Node:
         }
         # The checkout under test, whatever the venv has installed.
         environ["PYTHONPATH"] = str(REPOSITORY)
+        environ.update(self.extra_env)
+        if self.traced:
+            environ["SOAK_TRACE_DIR"] = str(self.base)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, cwd=self.base, stdin=subprocess.DEVNULL, stdout=log,
@@ -540,6 +576,47 @@ class Sampler:
             self.thread.join(5)
 
 
+@dataclass
+class MallocProbe:
+    """glibc's view of a node once the load stopped, and what ``malloc_trim(0)`` gave back."""
+
+    rss_before: float  # MiB
+    system: float  # MiB the allocator holds (all arenas and mmaps)
+    in_use: float  # MiB of it actually allocated
+    rss_after_trim: float  # MiB
+
+
+def malloc_probe(node: Node) -> MallocProbe | None:
+    """Attach gdb to ``node`` for a moment: ``malloc_stats()`` then ``malloc_trim(0)``.
+
+    Freed memory that glibc keeps in its per-thread arenas counts as resident; a leak is
+    memory still in use. Only run after the load stopped: the node pauses while attached.
+    """
+    gdb = shutil.which("gdb")
+    if gdb is None or not node.alive():
+        return None
+    before = read_status(node.pid)["rss"] / MIB
+    offset = node.log_path.stat().st_size
+    try:
+        subprocess.run(
+            [gdb, "-p", str(node.pid), "-batch", "-nx", "-ex", "call (void)malloc_stats()",
+             "-ex", "call (int)malloc_trim(0)"],
+            capture_output=True, timeout=180, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    after = read_status(node.pid)["rss"] / MIB
+    with open(node.log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode("utf-8", "replace")
+    # malloc_stats writes to the C stderr, i.e. the log: the last "Total" block is ours.
+    total = text.rpartition("Total (incl. mmap):")[2].splitlines()
+    numbers = [int(line.split("=")[1]) for line in total[:3] if "bytes" in line]
+    if len(numbers) < 2:
+        return None
+    return MallocProbe(before, numbers[0] / MIB, numbers[1] / MIB, after)
+
+
 # --- analysis ---------------------------------------------------------------------------------
 
 
@@ -604,10 +681,12 @@ class ProcessSummary:
     threads: tuple[int, int]
     fds: tuple[int, int]
     cpu_seconds: float
+    probe: MallocProbe | None
 
 
 def summarise_process(node: Node, samples: list[tuple[float, dict[str, int]]],
-                      duration: float, warmup: float) -> ProcessSummary:
+                      duration: float, warmup: float,
+                      probe: MallocProbe | None = None) -> ProcessSummary:
     rss = [(t, v["rss"] / MIB) for t, v in samples if t >= 0]
     half = [(t, r) for t, r in rss if t >= duration / 2]
     warm = [(t, r) for t, r in rss if t >= warmup]
@@ -622,6 +701,7 @@ def summarise_process(node: Node, samples: list[tuple[float, dict[str, int]]],
         threads=(samples[0][1]["threads"], samples[-1][1]["threads"]),
         fds=(samples[0][1]["fds"], samples[-1][1]["fds"]),
         cpu_seconds=(samples[-1][1]["cpu_ticks"] - samples[0][1]["cpu_ticks"]) / ticks,
+        probe=probe,
     )
 
 
@@ -640,7 +720,8 @@ class TargetSummary:
     reconnects: int
 
 
-def summarise(load: Load, sampler: Sampler, duration: float, warmup: float) -> TargetSummary:
+def summarise(load: Load, sampler: Sampler, duration: float, warmup: float,
+              probes: dict[str, MallocProbe | None]) -> TargetSummary:
     by_kind: dict[str, collections.Counter[int]] = {}
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     unexpected: collections.Counter[str] = collections.Counter()
@@ -660,7 +741,8 @@ def summarise(load: Load, sampler: Sampler, duration: float, warmup: float) -> T
         for kind, v in sorted(latencies.items())
     }
     processes = [
-        summarise_process(node, sampler.samples[node.name], duration, warmup)
+        summarise_process(node, sampler.samples[node.name], duration, warmup,
+                          probes.get(node.name))
         for node in load.target.nodes if sampler.samples.get(node.name)
     ]
     return TargetSummary(
@@ -757,7 +839,9 @@ def markdown(summaries: list[TargetSummary], verdicts: dict[str, list[str]],
         f"Origin: `python -m http.server` on loopback over {context['photos']} real photos "
         f"({', '.join(context['photo_names']) or 'none'}) and {context['generated']} generated "
         "images (480..1600 px, JPEG/PNG/WebP); 15% of new sources are real photos. "
-        f"Nodes run with `{' '.join(COMMON_ARGS)}` so that eviction runs throughout.",
+        f"Nodes run with `{' '.join(COMMON_ARGS)}` so that eviction runs throughout"
+        + (f", environment `{' '.join(context['node_env'])}`" if context["node_env"] else "")
+        + (", under tracemalloc (slower)" if context["tracemalloc"] else "") + ".",
         "",
     ]
     for summary in summaries:
@@ -800,6 +884,20 @@ def markdown(summaries: list[TargetSummary], verdicts: dict[str, list[str]],
                 f"{p.floor_trend:+.3f} | {p.trend_after_warmup:+.3f} | "
                 f"{p.threads[0]} → {p.threads[1]} | {p.fds[0]} → {p.fds[1]} | "
                 f"{p.cpu_seconds:.0f} |")
+        if any(p.probe for p in summary.processes):
+            lines += [
+                "",
+                "After the load stopped, `gdb -p PID -batch -ex 'call (void)malloc_stats()' -ex "
+                "'call (int)malloc_trim(0)'` on each node: what glibc holds, what of it is in "
+                "use, and the resident memory before and after handing the free part back.",
+                "",
+                "| process | RSS MiB | malloc holds | in use | RSS after malloc_trim |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            for p in summary.processes:
+                if p.probe is not None:
+                    lines.append(f"| {p.name} | {p.probe.rss_before:.1f} | {p.probe.system:.1f} | "
+                                 f"{p.probe.in_use:.1f} | {p.probe.rss_after_trim:.1f} |")
         lines += [
             "",
             "Trend: least-squares slope of VmRSS over the second half of the run; floor trend: "
@@ -817,6 +915,21 @@ def markdown(summaries: list[TargetSummary], verdicts: dict[str, list[str]],
 
 
 # --- main -------------------------------------------------------------------------------------
+
+
+def compare_snapshots(old: Path, new: Path, top: int = 25) -> None:
+    """The lines (and their callers) whose live allocations grew most from ``old`` to ``new``."""
+    import tracemalloc
+
+    before, after = tracemalloc.Snapshot.load(str(old)), tracemalloc.Snapshot.load(str(new))
+    total = sum(s.size for s in after.statistics("filename"))
+    print(f"traced: {sum(s.size for s in before.statistics('filename')) / MIB:.1f} MiB -> "
+          f"{total / MIB:.1f} MiB")
+    for stat in after.compare_to(before, "traceback")[:top]:
+        print(f"{stat.size_diff / 1024:+10.0f} KiB {stat.count_diff:+7d} blocks "
+              f"(now {stat.size / 1024:.0f} KiB)")
+        for line in stat.traceback.format(limit=4):
+            print("    " + line)
 
 
 def shell(command: str) -> str:
@@ -859,8 +972,11 @@ def run_targets(targets: list[Target], mix_for: Any, args: argparse.Namespace,
             load.end()
         sampler.sample()
         sampler.end()
+        probes: dict[str, MallocProbe | None] = {}
         for target in targets:
             for node in target.nodes:
+                if args.malloc_probe:
+                    probes[node.name] = malloc_probe(node)
                 try:
                     status, body = http_get(node.address, node.port, "/metrics", 10)
                     (node.base / "metrics.txt").write_bytes(body)
@@ -870,7 +986,7 @@ def run_targets(targets: list[Target], mix_for: Any, args: argparse.Namespace,
     duration = min(args.duration, time.monotonic() - started)
     loads_out.extend(v for _, v in sampler.load)
     for load in loads:
-        summary = summarise(load, sampler, duration, args.warmup)
+        summary = summarise(load, sampler, duration, args.warmup, probes)
         summaries.append(summary)
         plots.append((summary, load, sampler))
 
@@ -892,7 +1008,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument("--node-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for every node (e.g. MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="run nodes under tracemalloc (slower), snapshots every 60 s")
+    parser.add_argument("--no-malloc-probe", dest="malloc_probe", action="store_false",
+                        help="skip the end-of-run gdb probe (malloc_stats, malloc_trim)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                        help="print what grew between two tracemalloc snapshots, and exit")
     args = parser.parse_args(argv)
+    args.work = args.work.resolve()
+    args.results = args.results.resolve()
+    if args.compare:
+        compare_snapshots(*args.compare)
+        return 0
+    Node.extra_env = dict(item.split("=", 1) for item in args.node_env)
+    Node.traced = args.tracemalloc
 
     # Addresses of our own in 127/8, away from other engineers' 127.0.0.x tests.
     net = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}"
@@ -906,7 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "uptime_before": shell("uptime"),
         "side_by_side": not args.sequential,
         "concurrency": args.concurrency, "miss_ratio": args.miss_ratio,
-        "error_ratio": args.error_ratio, "warmup": args.warmup, "generated": args.generated,
+        "error_ratio": args.error_ratio, "node_env": args.node_env,
+        "tracemalloc": args.tracemalloc, "warmup": args.warmup, "generated": args.generated,
     }
     origin = prepare_origin(args.work / "origin", f"{net}.10", args.generated)
     context["photos"] = len(origin.photos)

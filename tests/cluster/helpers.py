@@ -487,11 +487,16 @@ _shared: dict[Any, LoopbackCluster] = {}
 
 
 async def shared_cluster(key: Any, reactor: Any, **kwargs: Any) -> LoopbackCluster:
-    """One cluster per ``key`` (a TestCase class), started on first use and made whole
-    again (``restore``) on every later one. ``stop_shared_cluster(key)`` stops it (from
-    ``tearDownClass``, which pytest runs); otherwise it stops when the run exits."""
+    """One cluster per ``key`` (a test module), started on first use and made whole
+    again (``restore``) on every later one; starting one stops the others.
+    ``stop_shared_cluster(key)`` stops it (from ``tearDownModule``, which pytest runs);
+    otherwise it stops when the run exits."""
     cluster = _shared.get(key)
     if cluster is None:
+        # One cluster at a time: under trial, a module's cluster lives until the run
+        # exits, and two of them would share two cores.
+        for other in list(_shared):
+            await in_thread(reactor, stop_shared_cluster, other)
         cluster = _shared[key] = LoopbackCluster(**kwargs)
         atexit.register(stop_shared_cluster, key)
         try:

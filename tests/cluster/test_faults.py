@@ -177,7 +177,8 @@ class GatewayFaultTests(FaultTestCase):
         g2.kill(signal.SIGSTOP)
         self.addCleanup(g2.kill, signal.SIGCONT)
         await self.wait_state([g1, *self.cluster.workers], g2.name, {"suspect", "failed"})
-        await pause(self.reactor, 1.0)
+        # Stopped for longer than the clients' timeout: what it holds is retried.
+        await pause(self.reactor, 3.5)
         g2.kill(signal.SIGCONT)
         back = await self.cluster.wait_converged(self.reactor, 30)
         await in_thread(self.reactor, stream.stop)

@@ -44,7 +44,12 @@ def write_error(request: Request, error: ProxyError) -> bytes:
     request.setHeader(b"cache-control", b"no-store")
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
-    return error.json_body()
+    body = error.json_body()
+    if request.method == b"HEAD":
+        # The length of the body a GET would get, and no body.
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+    return body
 
 
 def raw_query_of(request: Request) -> bytes:
@@ -176,8 +181,9 @@ class ImageResource(JsonResource):
             error = ProxyError(502, "the image could not be processed")
         self._metrics.count_request("image", error.status)
         body = write_error(request, error)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
+        if body:
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
         request.finish()
 
     def _write_image(

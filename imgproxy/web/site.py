@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -9,11 +10,13 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from imgproxy.errors import ProxyError, error_body
 from imgproxy.metrics import NodeMetrics
-from imgproxy.web.public import JsonResource, NotFound
+from imgproxy.web.public import JsonResource, NotFound, write_error
 
 
 class HealthResource(JsonResource):
@@ -66,14 +69,84 @@ class NodeRoot(Resource):
         return self._not_found.render(request)
 
 
+MAX_REQUEST_BODY = 64 * 1024
+
+
+def raw_json_response(status: int, phrase: bytes, reason: str) -> bytes:
+    """A complete HTTP/1.1 error response, for when no Request object can write one."""
+    body = error_body(status, reason)
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+    )
+
+
 class TrackedRequest(Request):
-    """A request the site counts while it is in flight (for a draining shutdown)."""
+    """A request the site counts while in flight, with a cap on its body.
+
+    No endpoint takes more than a small JSON body, so a larger one is refused
+    with 413 as soon as its length is known (or its chunks pass the cap), and
+    never spooled to a temporary file as Twisted would.
+    """
+
+    body_refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_refused:
+            return
+        if self.content.tell() + len(data) > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_body(self) -> None:
+        self.body_refused = True
+        self.content = io.BytesIO()
+        self.channel.transport.write(
+            raw_json_response(413, b"Content Too Large", "the request body is too large")
+        )
+        self.channel.transport.loseConnection()
 
     def process(self) -> None:
+        if self.body_refused:
+            return
         site = self.channel.site
         site.in_flight += 1
         self.notifyFinish().addBoth(site.request_done)
         super().process()
+
+    def _handleStar(self) -> None:
+        # "OPTIONS *" probes readiness; anything else on "*" is a JSON 405 like every error.
+        if self.method == b"OPTIONS":
+            super()._handleStar()
+            return
+        self.setHeader(b"allow", b"OPTIONS")
+        body = write_error(self, ProxyError(405, "only OPTIONS applies to '*'"))
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+
+class NodeChannel(HTTPChannel):
+    """HTTP/1.1 whose protocol-level errors are JSON too, like every other error."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.transport.write(raw_json_response(400, b"Bad Request", "malformed HTTP request"))
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.write(
+            raw_json_response(
+                431, b"Request Header Fields Too Large", "request line or header too long"
+            )
+        )
+        self.loseConnection()
 
 
 class NodeSite(Site):
@@ -88,6 +161,8 @@ class NodeSite(Site):
     _log = Logger()
     displayTracebacks = False
     requestFactory = TrackedRequest
+    # Plain HTTP/1.1: no TLS here, so no protocol negotiation wrapper either.
+    protocol = NodeChannel
 
     def __init__(
         self,

@@ -111,8 +111,9 @@ class _Endpoint(JsonResource):
             error = ProxyError(502, "the image could not be processed")
         self._metrics.count_request("internal", error.status)
         body = write_error(request, error)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
+        if body:
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
         request.finish()
 
 

@@ -55,3 +55,48 @@ class AccessLogTests(SynchronousTestCase):
         self.site.log(FinishedRequest(b"/last"))
         self.site.stopFactory()
         self.assertEqual(self.access_events()[0]["requests"][0]["uri"], "/last")
+
+
+class ProtocolErrorTests(SynchronousTestCase):
+    """Errors Twisted would answer in HTML, an empty body or not at all are JSON here."""
+
+    def exchange(self, data: bytes) -> bytes:
+        from twisted.internet.testing import StringTransport
+
+        from imgproxy.web.site import NodeRoot
+
+        site = NodeSite(NodeRoot({}), Clock())
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return transport.value()
+
+    def assertJsonStatus(self, response: bytes, status: int) -> None:
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+        self.assertIn(b'"status": %d' % status, body)
+
+    def test_a_large_declared_body_is_refused_before_it_is_read(self) -> None:
+        response = self.exchange(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 300000000\r\n\r\nxxxx"
+        )
+        self.assertJsonStatus(response, 413)
+
+    def test_a_chunked_body_past_the_cap_is_refused(self) -> None:
+        chunk = b"4000\r\n" + b"y" * 0x4000 + b"\r\n"
+        response = self.exchange(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 6
+        )
+        self.assertJsonStatus(response, 413)
+
+    def test_malformed_request_line_is_json_400(self) -> None:
+        self.assertJsonStatus(self.exchange(b"GARBAGE\r\n\r\n"), 400)
+
+    def test_overlong_request_line_is_json_431(self) -> None:
+        self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 431)
+
+    def test_star_is_json_405_except_for_options(self) -> None:
+        self.assertJsonStatus(self.exchange(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"), 405)
+        options = self.exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(options.startswith(b"HTTP/1.1 200"), options)

@@ -277,6 +277,8 @@ class GossipPartition:
         return specs
 
     def cut(self) -> None:
+        # Also at exit: a run interrupted mid-partition must not leave the rules behind.
+        atexit.register(self.heal)
         for spec in self._rule_specs():
             subprocess.run(["iptables", "-w", "-I", "INPUT", *spec], check=True, timeout=10)
             self._rules.append(spec)

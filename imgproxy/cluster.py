@@ -22,6 +22,9 @@ class ClusterView:
         self.current = Placement(())
         self.previous = Placement(())
         self._departed: dict[str, WorkerRef] = {}
+        # Workers membership suspects: not asked for handoffs (a frozen peer would
+        # cost the whole lookup timeout before the origin is tried).
+        self.suspected: set[str] = set()
         self._listeners: list[Callable[[ClusterView], None]] = []
 
     def on_change(self, listener: Callable[[ClusterView], None]) -> None:
@@ -69,7 +72,7 @@ class ClusterView:
         for worker in (owner_now, owner_among_others, owner_before):
             if worker is None or worker.name == self.me:
                 continue
-            if worker.name in {c.name for c in candidates}:
+            if worker.name in {c.name for c in candidates} or worker.name in self.suspected:
                 continue
             if self.current.member(worker.name) is None and worker.name not in self._departed:
                 continue  # failed, not departed: nothing to pull from it

@@ -27,3 +27,15 @@ class HandoffCandidateTests(SynchronousTestCase):
 
         self.assertGreater(len(moved), 20)
         self.assertEqual(asked, {k: [before.owner(k).name] for k in moved})
+
+
+class SuspectedPeersTests(SynchronousTestCase):
+    def test_a_suspected_worker_is_not_asked_for_a_handoff(self) -> None:
+        workers = [WorkerRef(f"w{i}", f"127.0.0.{10 + i}", 8080) for i in range(3)]
+        view = ClusterView(me="w0")
+        view.update(workers)
+        key = "ab" * 32
+        everyone = {c.name for c in view.handoff_candidates(key)}
+        self.assertTrue(everyone)
+        view.suspected = set(everyone)
+        self.assertEqual(view.handoff_candidates(key), [])

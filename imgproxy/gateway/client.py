@@ -145,12 +145,15 @@ class WorkerClient:
         return WorkerUnavailable(worker, f"answered {response.code}: {reason}")
 
     @inlineCallbacks
-    def lookup(self, worker: WorkerRef, spec: TransformSpec, stale_ok: bool = False):  # type: ignore[no-untyped-def]
+    def lookup(  # type: ignore[no-untyped-def]
+        self, worker: WorkerRef, spec: TransformSpec, stale_ok: bool = False,
+        timeout: float | None = None,
+    ):
         """``GET /v1/image``: the cached variant, or None."""
         pairs = spec.to_query() + ([("stale", "1")] if stale_ok else [])
         query = urlencode(pairs).encode("ascii")
         response, content = yield self._request(
-            worker, b"GET", b"/v1/image", query, b"", self.lookup_timeout
+            worker, b"GET", b"/v1/image", query, b"", timeout or self.lookup_timeout
         )
         if response.code == 200:
             return self._entry(spec.cache_key, spec.url, response, content)
@@ -159,11 +162,13 @@ class WorkerClient:
         raise self._error(worker, response, content)
 
     @inlineCallbacks
-    def lookup_source(self, worker: WorkerRef, url: str):  # type: ignore[no-untyped-def]
+    def lookup_source(  # type: ignore[no-untyped-def]
+        self, worker: WorkerRef, url: str, timeout: float | None = None
+    ):
         """``GET /v1/source``: the cached original bytes (stale or not), or None."""
         query = urlencode([("url", url)]).encode("ascii")
         response, content = yield self._request(
-            worker, b"GET", b"/v1/source", query, b"", self.lookup_timeout
+            worker, b"GET", b"/v1/source", query, b"", timeout or self.lookup_timeout
         )
         if response.code == 200:
             return self._entry(source_cache_key(source_key_of(url)), url, response, content)

@@ -82,5 +82,7 @@ LOCAL = attrs.evolve(
     probe_interval=1.0,
     gossip_interval=0.1,
     gossip_to_the_dead_time=15.0,
+    # A healed partition should be one cluster again within one push-pull interval.
+    reconnect_interval=15.0,
 )
 """memberlist's ``DefaultLocalConfig`` (loopback and single-host clusters)."""

@@ -509,6 +509,7 @@ def watch_workers(membership: MembershipService, view: Any, router: Any = None) 
             if member.state == NodeState.SUSPECT:
                 suspects.add(member.name)
         departed = [event.member.name] if event is not None and event.kind == "leave" else []
+        view.suspected = suspects
         view.update(workers, departed_gracefully=departed)
         if router is not None:
             router.suspected = suspects

@@ -10,6 +10,10 @@ from imgproxy.errors import ProxyError
 from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
 from imgproxy.params import TransformSpec, source_key_of
 
+# A peer that holds the key answers from its cache in milliseconds; one that does
+# not answer within this is not worth more of the request's time than the origin.
+HANDOFF_TIMEOUT = 1.0
+
 
 class PeerHandoff:
     """Asks the other workers that may hold a key (its owner now and before) for it.
@@ -30,9 +34,11 @@ class PeerHandoff:
         for worker in self._view.handoff_candidates(source_key_of(url)):
             try:
                 if spec is not None:
-                    entry = yield self._client.lookup(worker, spec, stale_ok=True)
+                    entry = yield self._client.lookup(
+                        worker, spec, stale_ok=True, timeout=HANDOFF_TIMEOUT
+                    )
                 else:
-                    entry = yield self._client.lookup_source(worker, url)
+                    entry = yield self._client.lookup_source(worker, url, timeout=HANDOFF_TIMEOUT)
             except (WorkerUnavailable, ProxyError) as error:
                 self._log.debug(
                     "handoff from {worker} failed: {error}", worker=worker.name, error=error

@@ -517,12 +517,13 @@ def fmt(values: Sequence[float | None]) -> str:
     missing = len(values) - len(done)
     if not done:
         return "none detected"
-    text = (f"{statistics.mean(done):.2f} (min {min(done):.2f}, max {max(done):.2f}; "
-            f"{len(done)} kills)")
+    text = (f"{statistics.mean(done):.2f} (median {statistics.median(done):.2f}, "
+            f"min {min(done):.2f}, max {max(done):.2f}; {len(done)} kills)")
     return text + (f", {missing} not detected in 60 s" if missing else "")
 
 
-def report(results: list[dict[str, Any]], sim_rows: list[str], commands: Sequence[str]) -> str:
+def report(results: list[dict[str, Any]], sim_rows: list[str], commands: Sequence[str],
+           note: str = "") -> str:
     produced = "; ".join(f"`{c}`" for c in commands)
     lines = [
         "## Membership: imgproxy vs serf",
@@ -532,10 +533,11 @@ def report(results: list[dict[str, Any]], sim_rows: list[str], commands: Sequenc
         f"`{serf_version()}`.",
         "Real processes on the loopback of a private network namespace; views polled at 10 Hz,",
         "so every time below carries up to 0.1 s of polling delay, on both sides alike.",
+        *(["", note] if note else []),
         "",
         "### Time until every survivor marks a SIGKILLed node failed (seconds)",
         "",
-        "Each cell: mean (min, max) over the kills, and how many kills.",
+        "Each cell: mean (median, min, max) over the kills, and how many kills.",
         "",
         "| profile | n | ours | serf | mean difference (ours - serf) |",
         "| --- | ---: | --- | --- | ---: |",
@@ -704,8 +706,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.report_from:
         results, commands = merge_logs(args.report_from)
         sim_rows = [] if args.no_sim else simulated(args.quick)
-        commands.append(f".venv/bin/python bench/membership.py {shlex.join(argv)}")
-        write_report(report(results, sim_rows, commands), args.out)
+        note = ("The real-process figures combine the runs above (the kill times of all of "
+                "them together), as they printed them, gathered by `bench/membership.py "
+                f"--report-from`{'' if args.no_sim else ', which also ran the simulation'}.")
+        write_report(report(results, sim_rows, commands, note), args.out)
         return
     enter_namespace(argv)
     began = time.monotonic()

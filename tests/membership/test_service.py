@@ -386,6 +386,42 @@ class OutboundPushPullTests(Started):
         self.assertEqual(self.service.counters.push_pull_failures, 1)
 
 
+class OutboundTcpPingTests(Started):
+    """memberlist's fallback probe: a ping over TCP, true only for the matching ack."""
+
+    def ping_answered_with(self, answer: Message | None) -> bool | None:
+        result = self.service._tcp_ping(PEER, Ping(31, "peer"), 1.0)
+        self.reactor.advance(0)
+        [(_h, _p, factory, _timeout, _bind)] = self.reactor.tcpClients
+        protocol = factory.buildProtocol(IPv4Address("TCP", *PEER))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(stream_messages(transport.value()), [Ping(31, "peer")])
+        if answer is None:
+            protocol.connectionLost(Failure(ConnectionRefusedError()))
+        else:
+            protocol.dataReceived(encode_stream(answer, keyring=None, protocol_version=2))
+        return self.successResultOf(result)
+
+    def test_the_matching_ack_is_contact(self) -> None:
+        self.assertIs(self.ping_answered_with(AckResp(31)), True)
+
+    def test_an_ack_for_another_probe_is_not(self) -> None:
+        self.assertIs(self.ping_answered_with(AckResp(30)), False)
+
+    def test_a_connection_closed_without_an_answer_is_not(self) -> None:
+        self.assertIs(self.ping_answered_with(None), False)
+
+    def test_a_refused_connection_is_not(self) -> None:
+        result = self.service._tcp_ping(PEER, Ping(32, "peer"), 1.0)
+        self.reactor.advance(0)
+        [connector] = self.reactor.connectors
+        [(_h, _p, factory, _t, _b)] = self.reactor.tcpClients
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.reactor.advance(1)
+        self.assertIs(self.successResultOf(result), False)
+
+
 class IosimPushPullTests(SynchronousTestCase):
     def test_two_services_learn_each_other_through_one_push_pull(self) -> None:
         keyring = Keyring([KEY])

@@ -171,7 +171,8 @@ class NodeSite(Site):
         flush_interval: float = 1.0,
         batch_size: int = 256,
     ) -> None:
-        super().__init__(resource)
+        # The injected clock also drives the channels' idle timeouts: no global reactor here.
+        super().__init__(resource, reactor=clock)
         self.in_flight = 0
         self._clock = clock
         self._flush_interval = flush_interval

@@ -65,11 +65,18 @@ class ProtocolErrorTests(SynchronousTestCase):
 
         from imgproxy.web.site import NodeRoot
 
-        site = NodeSite(NodeRoot({}), Clock())
+        from twisted.internet import reactor
+
+        clock = Clock()
+        reactor_calls = set(reactor.getDelayedCalls())
+        site = NodeSite(NodeRoot({}), clock)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(data)
+        # The channel's idle timeout went to the injected clock, not to the reactor.
+        self.assertEqual(set(reactor.getDelayedCalls()), reactor_calls)
+        channel.connectionLost(None)
         return transport.value()
 
     def assertJsonStatus(self, response: bytes, status: int) -> None:

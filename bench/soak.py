@@ -20,6 +20,11 @@ Run with the bench venv (it has Pillow and matplotlib)::
 
     bench/.work/venv/bin/python bench/soak.py --duration 600
 
+After the load each node gets a gdb probe (``malloc_stats()``, ``malloc_trim(0)``): memory
+in use versus memory glibc keeps. Diagnostics: ``--tracemalloc`` (snapshots every 60 s in the
+node's run directory, compared with ``--compare OLD NEW``), ``--node-env NAME=VALUE``
+(e.g. ``MALLOC_ARENA_MAX=2``), ``--targets standalone`` and a longer ``--duration``.
+
 Only loopback addresses are used; only processes started here are signalled, by pid.
 """
 

@@ -187,6 +187,10 @@ def makeService(options: Options) -> IService:
     """Compose the node for ``options.config``: the only place that picks the reactor."""
     from twisted.internet import reactor
 
+    from imgproxy.memory import tune_allocator
+
+    # Before any transform thread exists: see imgproxy/memory.py.
+    tune_allocator()
     return build_node(options.config, reactor)
 
 
@@ -311,6 +315,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
 
 HANDOFF_LINGER_SECONDS = 3.0
 DEAD_NODE_RECLAIM_SECONDS = 10.0
+TRIM_INTERVAL_SECONDS = 5.0
 
 
 def linger(reactor: Any, seconds: float) -> Any:
@@ -345,6 +350,7 @@ def build_membership(config: Config, advertise: str, reactor: Any) -> Any:
 def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiService) -> Any:
     """The cache, the fetcher and the transform pool, tied together in an ImageService."""
     from imgproxy.lifecycle import LifecycleService
+    from imgproxy.memory import release_free_memory
     from imgproxy.worker.addresses import AddressPolicy
     from imgproxy.worker.cache import DiskCache
     from imgproxy.worker.fetch import FetchLimits, SourceFetcher
@@ -352,7 +358,18 @@ def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiSer
     from imgproxy.worker.pool import TransformPool
     from imgproxy.worker.transform import TransformLimits
 
-    pool = TransformPool(reactor, config.transform_threads, config.transform_queue)
+    last_trim = [float("-inf")]
+
+    def trim_when_idle() -> None:
+        # Freed image buffers go back to the system once the burst is over.
+        now = reactor.seconds()
+        if now - last_trim[0] >= TRIM_INTERVAL_SECONDS:
+            last_trim[0] = now
+            pool.run_in_background(release_free_memory)
+
+    pool = TransformPool(
+        reactor, config.transform_threads, config.transform_queue, on_idle=trim_when_idle
+    )
     pool.setServiceParent(root)
     cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_ttl, reactor)
     LifecycleService("cache", on_start=cache.start).setServiceParent(root)
@@ -391,6 +408,8 @@ def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
         return [
             gauge("imgproxy_cache_entries", "Entries in the disk cache", stats.entries),
             gauge("imgproxy_cache_bytes", "Bytes in the disk cache", stats.bytes),
+            gauge("imgproxy_cache_memory_bytes", "Bytes of small hot entries also kept in memory",
+                  stats.memory_bytes),
             counter("imgproxy_cache_evictions", "Entries evicted to stay under the cap",
                     stats.evictions),
             counter("imgproxy_cache_corrupt_dropped", "Corrupt entries found and dropped",

@@ -23,8 +23,16 @@ class TransformPool(Service):
     without bound.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, threads: int, max_waiting: int) -> None:
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threads: int,
+        max_waiting: int,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_idle``: called on the reactor thread whenever the last call in progress ends."""
         self._reactor = reactor
+        self._on_idle = on_idle
         self.threads = threads
         self.max_waiting = max_waiting
         self.pool = ThreadPool(minthreads=threads, maxthreads=threads, name="imgproxy-transform")
@@ -44,6 +52,10 @@ class TransformPool(Service):
         super().stopService()
         self.pool.stop()
 
+    def run_in_background(self, function: Callable[[], Any]) -> None:
+        """Run ``function`` on a pool thread, outside the waiting line, result ignored."""
+        self.pool.callInThread(function)
+
     def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self.in_progress >= self.threads + self.max_waiting:
             self.refused += 1
@@ -53,6 +65,8 @@ class TransformPool(Service):
 
         def done(result: Any) -> Any:
             self.in_progress -= 1
+            if self.in_progress == 0 and self._on_idle is not None:
+                self._on_idle()
             return result
 
         return d.addBoth(done)

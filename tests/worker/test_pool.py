@@ -43,3 +43,19 @@ class TransformPoolTests(TestCase):
         with self.assertRaises(ZeroDivisionError):
             yield self.pool.run(lambda: 1 / 0)
         self.assertEqual(self.pool.in_progress, 0)
+
+
+class IdleCallbackTests(TestCase):
+    @inlineCallbacks
+    def test_on_idle_runs_when_the_last_call_ends(self):
+        idle: list[int] = []
+        pool = TransformPool(reactor, threads=2, max_waiting=3, on_idle=lambda: idle.append(1))
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        gate = threading.Event()
+        first, second = pool.run(gate.wait, 10), pool.run(lambda: None)
+        yield second
+        self.assertEqual(idle, [])
+        gate.set()
+        yield first
+        self.assertEqual(idle, [1])

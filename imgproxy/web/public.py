@@ -52,6 +52,28 @@ def write_error(request: Request, error: ProxyError) -> bytes:
     return body
 
 
+def finish_with_failure(
+    request: Request, failure: Failure, metrics: NodeMetrics, endpoint: str, log: Logger
+) -> None:
+    """Answer a failed asynchronous request with its JSON error (a bug becomes a 502)."""
+    if failure.check(CancelledError) or request.finished or request._disconnected:
+        return
+    error = failure.value
+    if isinstance(error, ProxyError) and error.__cause__ is not None:
+        # A codec or network error behind a 502: keep it visible to operators.
+        log.info("{uri}: {reason} (because {cause!r})", uri=request.uri,
+                 reason=error.reason, cause=error.__cause__)
+    if not isinstance(error, ProxyError):
+        log.failure("{uri} failed", failure, uri=request.uri)
+        error = ProxyError(502, "the image could not be processed")
+    metrics.count_request(endpoint, error.status)
+    body = write_error(request, error)
+    if body:
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+    request.finish()
+
+
 def raw_query_of(request: Request) -> bytes:
     return request.uri.partition(b"?")[2]
 
@@ -169,22 +191,7 @@ class ImageResource(JsonResource):
         request.finish()
 
     def _failed(self, failure: Failure, request: Request) -> None:
-        if failure.check(CancelledError) or request.finished or request._disconnected:
-            return
-        error = failure.value
-        if isinstance(error, ProxyError) and error.__cause__ is not None:
-            # A codec or network error behind a 502: keep it visible to operators.
-            self._log.info("{uri}: {reason} (because {cause!r})", uri=request.uri,
-                           reason=error.reason, cause=error.__cause__)
-        if not isinstance(error, ProxyError):
-            self._log.failure("serving {uri} failed", failure, uri=request.uri)
-            error = ProxyError(502, "the image could not be processed")
-        self._metrics.count_request("image", error.status)
-        body = write_error(request, error)
-        if body:
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-        request.finish()
+        finish_with_failure(request, failure, self._metrics, "image", self._log)
 
     def _write_image(
         self, request: Request, parsed: ImageRequest, entry: CacheEntry, cache_status: bytes

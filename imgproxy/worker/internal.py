@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +28,13 @@ from imgproxy.params import (
     source_key_of,
     spec_from_values,
 )
-from imgproxy.web.public import JsonResource, NotFound, raw_query_of, write_error
+from imgproxy.web.public import (
+    JsonResource,
+    NotFound,
+    finish_with_failure,
+    raw_query_of,
+    write_error,
+)
 from imgproxy.worker.cache import CacheEntry, source_cache_key
 from imgproxy.worker.images import ImageService
 
@@ -99,22 +104,7 @@ class _Endpoint(JsonResource):
             raise ProxyError(403, refusal)
 
     def _fail(self, failure: Failure, request: Request) -> None:
-        if failure.check(CancelledError) or request.finished or request._disconnected:
-            return
-        error = failure.value
-        if isinstance(error, ProxyError) and error.__cause__ is not None:
-            # A codec or network error behind a 502: keep it visible to operators.
-            self._log.info("{uri}: {reason} (because {cause!r})", uri=request.uri,
-                           reason=error.reason, cause=error.__cause__)
-        if not isinstance(error, ProxyError):
-            self._log.failure("internal request {uri} failed", failure, uri=request.uri)
-            error = ProxyError(502, "the image could not be processed")
-        self._metrics.count_request("internal", error.status)
-        body = write_error(request, error)
-        if body:
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-        request.finish()
+        finish_with_failure(request, failure, self._metrics, "internal", self._log)
 
 
 class ImageEndpoint(_Endpoint):

@@ -40,13 +40,15 @@ ANIMATED_OUTPUTS = frozenset({"webp", "gif"})
 #: An animation may decode at most this many times ``max_pixels``, all frames together.
 FRAME_PIXEL_BUDGET = 4
 
-# Measured on a 5120x2880 JPEG to 320, 800 and 1500 px wide (issue 2's
-# report): decoding through the DCT at 1/2..1/8 scale to at least twice the
-# target, then Lanczos with a reducing gap, stays above 45 dB PSNR against a
-# full decode and a plain Lanczos, in half the time (63 vs 134 ms at 320 px).
-# Drafting to the target itself lost up to 8 dB; Bicubic lost ~5 dB and was
-# no faster; a gap of 3 is 6 dB better than 2 when nothing is drafted.
-JPEG_DRAFT_FACTOR = 2.0
+# JPEGs decode through the DCT at 1/2..1/8 scale to no less than the target
+# ("shrink on load", as libvips and thumbor do), then Lanczos with a reducing gap.
+# Measured on a 5120x2880 JPEG to 320 px: against a full decode and a plain
+# Lanczos this keeps ~37.5 dB PSNR; decoding to twice the target kept ~45.8 dB,
+# but cost a third more CPU on baseline JPEGs (33 vs 24 ms a 2560x1600 photo,
+# bench/results/proxy.md) and 2% more output bytes than thumbor at the same
+# quality. Bicubic lost ~5 dB and was no faster; a gap of 3 is 6 dB better than
+# 2 when nothing is drafted.
+JPEG_DRAFT_FACTOR = 1.0
 RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
 

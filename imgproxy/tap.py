@@ -187,10 +187,6 @@ def makeService(options: Options) -> IService:
     """Compose the node for ``options.config``: the only place that picks the reactor."""
     from twisted.internet import reactor
 
-    from imgproxy.memory import tune_allocator
-
-    # Before any transform thread exists: see imgproxy/memory.py.
-    tune_allocator()
     return build_node(options.config, reactor)
 
 

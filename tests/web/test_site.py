@@ -61,11 +61,10 @@ class ProtocolErrorTests(SynchronousTestCase):
     """Errors Twisted would answer in HTML, an empty body or not at all are JSON here."""
 
     def exchange(self, data: bytes) -> bytes:
+        from twisted.internet import reactor
         from twisted.internet.testing import StringTransport
 
         from imgproxy.web.site import NodeRoot
-
-        from twisted.internet import reactor
 
         clock = Clock()
         reactor_calls = set(reactor.getDelayedCalls())

@@ -53,6 +53,8 @@ class SequentialService(MultiService):
     cluster, linger, stop listening, then drain.
     """
 
+    _log = Logger()
+
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         Service.stopService(self)
@@ -61,8 +63,6 @@ class SequentialService(MultiService):
                 yield maybeDeferred(service.stopService)
             except Exception:
                 self._log.failure("stopping {service} failed", service=service)
-
-    _log = Logger()
 
 
 class DrainService(Service):

@@ -81,17 +81,16 @@ class DrainService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         done: Deferred[None] = Deferred()
-        waited = [0.0]
+        give_up_at = self._clock.seconds() + self._deadline
 
         def check() -> None:
-            if self._site.in_flight <= 0 or waited[0] >= self._deadline:
-                if self._site.in_flight > 0:
-                    self._log.warn("{count} requests still in flight at shutdown",
-                                   count=self._site.in_flight)
-                done.callback(None)
+            if self._site.in_flight > 0 and self._clock.seconds() < give_up_at:
+                self._clock.callLater(self._poll, check)
                 return
-            waited[0] += self._poll
-            self._clock.callLater(self._poll, check)
+            if self._site.in_flight > 0:
+                self._log.warn("{count} requests still in flight at shutdown",
+                               count=self._site.in_flight)
+            done.callback(None)
 
         check()
         return done

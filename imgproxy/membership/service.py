@@ -233,6 +233,8 @@ class MembershipService(Service):
         self.counters = MembershipCounters()
         self._tags = dict(tags)
         self._listeners: list[Callable[[MemberEvent], None]] = []
+        # Failed or departed members, with when: shown after the table reaps them.
+        self._departed: dict[str, tuple[Member, float]] = {}
         self._state_listeners: list[Callable[[], None]] = []
         self._last_states: tuple[tuple[str, NodeState], ...] = ()
         self._state_poll = LoopingCall(self._check_states)
@@ -295,8 +297,21 @@ class MembershipService(Service):
             return {}
 
     def describe_members(self) -> list[dict[str, Any]]:
+        """Every member for ``/health``: those in the table, and the ones it has reaped.
+
+        The protocol forgets a failed or departed member after a short while; an
+        operator (and ``serf members``) still expects to see it as failed or left
+        until it comes back, so the shell remembers them for the reconnect timeout.
+        """
+        now = self.reactor.seconds()
+        listed = {member.name: member for member in self.members()}
+        for name, (member, since) in list(self._departed.items()):
+            if now - since > self.profile.reconnect_timeout:
+                del self._departed[name]
+            elif name not in listed:
+                listed[name] = member
         described = []
-        for member in self.members():
+        for member in listed.values():
             tags = self.tags_of(member)
             described.append({
                 "name": member.name,
@@ -468,6 +483,10 @@ class MembershipService(Service):
             self._log.failure("merging a remote state failed")
 
     def _on_event(self, event: MemberEvent) -> None:
+        if event.kind in ("failed", "leave") and event.member.name != self.node.name:
+            self._departed[event.member.name] = (event.member, self.reactor.seconds())
+        elif event.kind == "join":
+            self._departed.pop(event.member.name, None)
         self._log.info("member {name} {kind} ({host}:{port})", name=event.member.name,
                        kind=event.kind, host=event.member.host, port=event.member.port)
         for listener in list(self._listeners):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError, InvalidAddressError
@@ -554,3 +555,36 @@ class StopTests(Started):
         self.successResultOf(stopped)
         self.assertFalse(self.udp.listening)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class ReapedMembersTests(SynchronousTestCase):
+    """A failed or departed member stays listed as such after the table forgets it."""
+
+    def test_failed_member_listed_until_it_rejoins(self) -> None:
+        from imgproxy.membership.messages import NodeState
+        from imgproxy.membership.state import Member, MemberEvent
+
+        reactor = FakeReactor()
+        service = make_service(reactor)
+        gone = Member("peer", PEER_IP, 7946, encode_tags({"role": "worker"}), 3,
+                      NodeState.DEAD, 0.0)
+        service._on_event(MemberEvent("failed", gone))
+        listed = {m["name"]: m for m in service.describe_members()}
+        self.assertEqual(listed["peer"]["state"], "failed")
+        self.assertEqual(listed["peer"]["incarnation"], 3)
+        back = attrs.evolve(gone, state=NodeState.ALIVE, incarnation=4)
+        service._on_event(MemberEvent("join", back))
+        self.assertNotIn("peer", {m["name"] for m in service.describe_members()})
+
+    def test_forgotten_after_the_reconnect_timeout(self) -> None:
+        from imgproxy.membership.messages import NodeState
+        from imgproxy.membership.state import Member, MemberEvent
+
+        reactor = FakeReactor()
+        service = make_service(reactor)
+        gone = Member("peer", PEER_IP, 7946, b"", 3, NodeState.LEFT, 0.0)
+        service._on_event(MemberEvent("leave", gone))
+        self.assertEqual({m["name"]: m["state"] for m in service.describe_members()}["peer"],
+                         "left")
+        reactor.advance(LAN.reconnect_timeout + 1)
+        self.assertNotIn("peer", {m["name"] for m in service.describe_members()})

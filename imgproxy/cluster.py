@@ -49,10 +49,6 @@ class ClusterView:
             listener(self)
         return True
 
-    def forget_departed(self, name: str) -> None:
-        """A departed worker's linger time is over: stop asking it."""
-        self._departed.pop(name, None)
-
     def preference(self, source_key: str) -> list[WorkerRef]:
         return self.current.preference(source_key)
 

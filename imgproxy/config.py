@@ -192,7 +192,6 @@ class Config:
     max_frames: int = 200
     membership_profile: str = "lan"
     load_epsilon: float = 0.25
-    cache_max_age: int = 31536000
 
     @property
     def http_port(self) -> int:

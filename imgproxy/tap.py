@@ -204,8 +204,8 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
     from imgproxy.metrics import NodeMetrics
     from imgproxy.web.public import ImageResource
-    from imgproxy.web.site import HealthResource, MetricsResource, NodeRoot, NodeSite
-    from imgproxy.web.status import StatusJson, StatusPage
+    from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot, NodeSite
+    from imgproxy.web.status import StatusPage, status_document
 
     root = SequentialService()
     metrics = NodeMetrics()
@@ -287,9 +287,9 @@ def build_node(config: Config, reactor: Any) -> MultiService:
             "cache": cache_status(cache) if cache is not None else {},
         }
 
-    children[b"health"] = HealthResource(health)
+    children[b"health"] = JsonDocument(health)
     children[b"metrics"] = MetricsResource(metrics)
-    children[b"status.json"] = StatusJson(status)
+    children[b"status.json"] = JsonDocument(lambda: status_document(status()))
     site = NodeSite(NodeRoot(children, index=StatusPage(status)), reactor)
     DrainService(site, reactor).setServiceParent(root)
     strports.service(config.http, site, reactor=reactor).setServiceParent(root)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import Counter
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -156,11 +154,3 @@ class ClusterBackend:
         if failed and len(failed) == len(results) and results:
             raise ProxyError(503, "no worker could be reached to purge this image", retry_after=1)
         return None
-
-    def describe_load(self) -> dict[str, Any]:
-        return {
-            "down": sorted(self.down),
-            "in_flight": {
-                w.name: self._bounded.in_flight(w.name) for w in self.view.current.workers
-            },
-        }

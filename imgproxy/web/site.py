@@ -19,8 +19,8 @@ from imgproxy.metrics import NodeMetrics
 from imgproxy.web.public import JsonResource, NotFound, write_error
 
 
-class HealthResource(JsonResource):
-    """``GET /health``: this node and the members it knows, as JSON."""
+class JsonDocument(JsonResource):
+    """A JSON document built afresh on every GET (``/health``, ``/status.json``)."""
 
     isLeaf = True
 

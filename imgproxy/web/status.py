@@ -7,7 +7,6 @@ everything) and then refreshes its parts in place from ``/status.json``.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -156,17 +155,6 @@ class StatusPage(JsonResource):
         return render_page(self._describe()).encode("utf-8")
 
 
-class StatusJson(JsonResource):
-    """``/status.json``: the page's parts, for the in-place refresh."""
-
-    isLeaf = True
-
-    def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:
-        super().__init__()
-        self._describe = describe
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        status = self._describe()
-        return json.dumps({**status, **status_parts(status)}, sort_keys=True).encode("utf-8")
+def status_document(status: dict[str, Any]) -> dict[str, Any]:
+    """``/status.json``: the status and the page's parts, for the in-place refresh."""
+    return {**status, **status_parts(status)}

@@ -34,7 +34,6 @@ from urllib.parse import quote, urlencode
 import attrs
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
@@ -44,6 +43,7 @@ from tests.origins import Origin, start_origin
 from tests.processes import (
     ImgproxyProcess,
     Reply,
+    close_origin,
     in_thread,
     request,
     start_all_async,
@@ -289,23 +289,6 @@ class GossipPartition:
             subprocess.run(["iptables", "-w", "-D", "INPUT", *spec], timeout=10)
 
 
-async def close_origin(reactor: Any, origin: Origin) -> None:
-    """Stop listening and abort the connections the workers kept alive to it (trial
-    wants a clean reactor after each test)."""
-    address = (origin.interface, origin.port)
-    await origin.stop()
-    for _ in range(200):
-        lingering = [
-            selectable
-            for selectable in {*reactor.getReaders(), *reactor.getWriters()}
-            if isinstance(selectable, tcp.Server)
-            and (selectable.getHost().host, selectable.getHost().port) == address
-        ]
-        if not lingering:
-            return
-        for connection in lingering:
-            connection.abortConnection()
-        await pause(reactor, 0.01)
 
 
 class LoopbackCluster:

@@ -13,7 +13,7 @@ from imgproxy.errors import ProxyError
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec, sign_query
 from imgproxy.web.public import ImageResource
-from imgproxy.web.site import HealthResource, MetricsResource, NodeRoot
+from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot
 from imgproxy.worker.cache import CacheEntry
 
 SOURCE = "http://origin.example/cat.jpg"
@@ -63,7 +63,7 @@ class ImageResourceTests(TestCase):
         self.metrics = NodeMetrics()
         root = NodeRoot({
             b"image": ImageResource(self.backend, self.metrics, self.signing_key, 3600),
-            b"health": HealthResource(lambda: {"name": "n1", "members": []}),
+            b"health": JsonDocument(lambda: {"name": "n1", "members": []}),
             b"metrics": MetricsResource(self.metrics),
         })
         self.http = StubTreq(root)

@@ -35,7 +35,11 @@ Deliberate differences from memberlist (each is a comment where it happens):
 - memberlist issue 311: a member we hold dead or left at an incarnation above the
   one it now claims is told so, so that it refutes instead of staying invisible;
   and an accusation of an older incarnation of ourselves makes us gossip our
-  current alive again instead of being ignored.
+  current alive again instead of being ignored;
+- the verdict "dead" goes, besides the broadcasts, straight to every member we heard
+  accuse the dead one, and a suspect about a member we already hold dead or left is
+  answered, to the accuser only, with our "dead" (memberlist relies on the broadcasts
+  alone, and an accuser that missed them waits out the maximum suspicion timeout).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -84,6 +89,8 @@ DEFAULT_VSN: tuple[int, ...] = (1, 5, 2, 0, 0, 0)
 #: Bytes a compound message spends on its header and on each part (memberlist's net.go).
 COMPOUND_HEADER_OVERHEAD = 2
 COMPOUND_OVERHEAD = 2
+# Bounds the memory of answered accusations; a flood only costs a few extra answers.
+MAX_TRACKED_CORRECTIONS = 1024
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,6 +167,8 @@ class SwimCounters:
     failed_probes: int = 0
     suspicions: int = 0
     refutations: int = 0
+    #: Suspects of members we already buried, answered with our "dead" (see below).
+    corrections: int = 0
     messages_in: collections.Counter[str] = attrs.field(factory=collections.Counter)
     messages_out: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
@@ -237,6 +246,8 @@ class SwimNode:
         self._awareness = Awareness(profile.awareness_max_multiplier)
         self._broadcasts = TransmitLimitedQueue(profile.retransmit_mult, self._num_nodes, size_of)
         self._suspicions: dict[str, SuspicionTimer] = {}
+        # When we last told an accuser (by accuser and member) that its suspect is dead.
+        self._corrections: dict[tuple[str, str], float] = {}
         # Failed members we try to reach again, kept after they are reaped from the table.
         self._failed: dict[str, Member] = {}
         self._ack_handlers: dict[int, _AckHandler] = {}
@@ -818,6 +829,8 @@ class SwimNode:
                 self._broadcasts.queue(s.node, s)
             return
         if state.state != NodeState.ALIVE:
+            if state.dead_or_left:
+                self._correct_stale_accuser(s, state)
             return
         if state.name == self.name:
             self._log.warn("refuting a suspect message from {node}", node=s.from_node)
@@ -857,7 +870,9 @@ class SwimNode:
                     member=name,
                     confirmations=confirmations,
                 )
-                self._dead_node(Dead(current.incarnation, name, self.name))
+                self._dead_node(
+                    Dead(current.incarnation, name, self.name), timer_ref[0].accusers
+                )
 
         timer_ref: list[SuspicionTimer] = []
         timer_ref.append(
@@ -865,14 +880,17 @@ class SwimNode:
         )
         self._suspicions[name] = timer_ref[0]
 
-    def _dead_node(self, d: Dead) -> None:
+    def _dead_node(self, d: Dead, accusers: frozenset[str] = frozenset()) -> None:
         state = self._members.get(d.node)
         if state is None:
             return
         if d.incarnation < state.incarnation:
             self._restate_if_self(state)
             return
-        self._clear_suspicion(d.node)
+        timer = self._suspicions.pop(d.node, None)
+        if timer is not None:
+            timer.cancel()
+            accusers = accusers | timer.accusers
         if state.dead_or_left:
             return
         if state.name == self.name:
@@ -896,6 +914,48 @@ class SwimNode:
         elif d.node != self.name:
             self._failed[d.node] = state
         self._emit("leave" if left else "failed", state)
+        if not left:
+            self._tell_accusers(d, accusers)
+
+    def _tell_accusers(self, d: Dead, accusers: frozenset[str]) -> None:
+        """Send the verdict straight to each member heard suspecting the dead one.
+
+        Their own countdowns are still running, and in a small cluster the few
+        transmissions of "dead" (RetransmitMult x ceil(log10(n + 1)), some of them to
+        the dead member itself) can all miss one of them, which then waits out the
+        maximum suspicion timeout with nobody left to confirm it. memberlist relies on
+        the broadcasts alone; this costs one packet per accuser per death.
+        """
+        for name in sorted(accusers - {self.name, d.from_node}):
+            accuser = self._members.get(name)
+            if accuser is not None and not accuser.dead_or_left:
+                self._send_msg(accuser.address, d)
+
+    def _correct_stale_accuser(self, s: Suspect, state: Member) -> None:
+        """Someone suspects a member we already hold dead or left: it missed the news.
+
+        memberlist ignores such a suspect, so an accuser that missed both
+        transmissions of "dead" runs its own suspicion to the maximum timeout with no
+        one left to confirm it (everybody else stopped suspecting when they buried the
+        member): the long tail of detection time. We answer the accuser directly with
+        our verdict, at most once per probe interval per member, and only when its
+        suspect is not about a newer incarnation than the one we buried.
+        """
+        if s.incarnation > state.incarnation or s.from_node == self.name:
+            return
+        accuser = self._members.get(s.from_node)
+        if accuser is None or accuser.dead_or_left:
+            return
+        now = self._clock.seconds()
+        key = (s.from_node, s.node)
+        if now - self._corrections.get(key, -math.inf) < self.profile.probe_interval:
+            return
+        if len(self._corrections) >= MAX_TRACKED_CORRECTIONS:
+            self._corrections.clear()
+        self._corrections[key] = now
+        declared_by = state.name if state.state == NodeState.LEFT else self.name
+        self.counters.corrections += 1
+        self._send_msg(accuser.address, Dead(state.incarnation, state.name, declared_by))
 
     def _restate_if_self(self, me: Member) -> None:
         """Someone still accuses an older incarnation of us: it missed our news, so

@@ -71,6 +71,7 @@ class SuspicionTimer:
         self._clock = clock
         self._on_timeout = on_timeout
         self._confirmations = {from_node}
+        self._accusers = {from_node}
         self._n = 0
         self._start = clock.seconds()
         timeout = max_timeout if k >= 1 else min_timeout
@@ -81,6 +82,11 @@ class SuspicionTimer:
         """Independent confirmations counted so far (the first accuser excluded)."""
         return self._n
 
+    @property
+    def accusers(self) -> frozenset[str]:
+        """Every member heard accusing the suspect, past the ``k`` that count too."""
+        return frozenset(self._accusers)
+
     def deadline(self) -> float | None:
         """Clock time the timer fires at, or None once it has fired or been cancelled."""
         if self._call is None or not self._call.active():
@@ -89,6 +95,7 @@ class SuspicionTimer:
 
     def confirm(self, from_node: str) -> bool:
         """Count ``from_node``'s accusation; True if it was new information worth re-gossiping."""
+        self._accusers.add(from_node)
         if self._n >= self._k or from_node in self._confirmations:
             return False
         self._confirmations.add(from_node)

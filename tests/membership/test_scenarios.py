@@ -118,6 +118,24 @@ class CrashTests(SynchronousTestCase):
         self.check_detection(LOCAL, 5)
 
 
+class DetectionTailTests(SynchronousTestCase):
+    def test_no_survivor_waits_out_the_maximum_suspicion_at_local_n5(self) -> None:
+        """With Local's RetransmitMult of 2, the few transmissions of "dead" in a
+        five-node cluster missed one survivor in about one crash in twenty here, and it
+        then sat out the maximum suspicion timeout (12.6 s) alone: 20 s detections.
+        The verdict sent straight to the accusers closes that tail."""
+        slowest = []
+        for seed in range(40):
+            sim, names = converged_cluster(5, LOCAL, seed=seed)
+            times = crash_detection(sim, names[seed % 5], timeout=120)
+            self.assertEqual(len(times), 4)
+            slowest.append(times[-1])
+        minimum = suspicion_timeout(LOCAL.suspicion_mult, 5, LOCAL.probe_interval)
+        # A probe pass (4 s), the probe itself, the shortest suspicion, and slack for
+        # the news to spread: far below a maximum-suspicion wait (> 12.6 s).
+        self.assertLess(max(slowest), 4 * LOCAL.probe_interval + 1 + minimum + 3)
+
+
 class LossTests(SynchronousTestCase):
     def test_fifty_nodes_at_ten_percent_loss_for_five_minutes_lose_no_one(self) -> None:
         sim, names = converged_cluster(50, seed=3)

@@ -79,6 +79,10 @@ class Harness:
     def messages_of(self, kind: type) -> list[tuple[tuple[str, int], Message]]:
         return [(addr, m) for addr, msgs in self.sent for m in msgs if isinstance(m, kind)]
 
+    def payloads_of(self, kind: type) -> list[tuple[tuple[str, int], Message]]:
+        """The first message of each packet sent, when of ``kind`` (not the piggybacked)."""
+        return [(addr, msgs[0]) for addr, msgs in self.sent if isinstance(msgs[0], kind)]
+
     def state(self, name: str) -> NodeState | None:
         m = self.node.member(name)
         return None if m is None else m.state
@@ -279,6 +283,89 @@ class SuspicionTests(SynchronousTestCase):
         self.assertEqual(h.state("p2"), NodeState.SUSPECT)
         h.clock.advance(0.2)
         self.assertEqual(h.state("p2"), NodeState.DEAD)
+
+    def test_the_verdict_goes_straight_to_every_accuser_heard(self) -> None:
+        h = Harness()
+        for i in range(2, 10):
+            h.add_peer(i)
+        h.node.stop()  # no probing or gossip of our own: only the direct sends remain
+        h.node.handle_packet([Suspect(1, "p2", "p3")], ("x", 1))
+        h.node.handle_packet([Suspect(1, "p2", "p4"), Suspect(1, "p2", "p5")], ("x", 1))
+        h.node.handle_packet([Suspect(1, "p2", "p6")], ("x", 1))  # past k = 2: still heard
+        h.take()
+        h.clock.advance(24)
+        self.assertEqual(h.state("p2"), NodeState.DEAD)
+        verdicts = sorted(addr for addr, m in h.payloads_of(Dead) if m == Dead(1, "p2", "me"))
+        self.assertEqual(verdicts, [(host_of(ip(i)), 7946) for i in (3, 4, 5, 6)])
+
+    def test_a_verdict_heard_from_a_peer_is_passed_to_the_other_accusers(self) -> None:
+        h = Harness()
+        for i in range(2, 10):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Suspect(1, "p2", "p3"), Suspect(1, "p2", "p4")], ("x", 1))
+        h.take()
+        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
+        # p3 declared it: it knows. p4 is told directly.
+        direct = [addr for addr, m in h.payloads_of(Dead) if m == Dead(1, "p2", "p3")]
+        self.assertEqual(direct, [(host_of(ip(4)), 7946)])
+
+    def test_a_goodbye_is_not_sent_to_accusers(self) -> None:
+        h = Harness()
+        for i in range(2, 10):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Suspect(1, "p2", "p3")], ("x", 1))
+        h.take()
+        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
+        self.assertEqual(h.state("p2"), NodeState.LEFT)
+        self.assertEqual(h.payloads_of(Dead), [])
+
+    def test_a_late_accuser_of_a_buried_member_is_told_it_is_dead(self) -> None:
+        h = Harness()
+        for i in range(2, 6):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
+        h.take()
+        h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
+        self.assertEqual(h.payloads_of(Dead), [((host_of(ip(4)), 7946), Dead(1, "p2", "me"))])
+        self.assertEqual(h.node.counters.corrections, 1)
+
+    def test_late_accusers_are_told_once_a_probe_interval(self) -> None:
+        h = Harness()
+        for i in range(2, 6):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
+        h.take()
+        for _ in range(3):
+            h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
+        self.assertEqual(len(h.payloads_of(Dead)), 1)
+        h.clock.advance(LAN.probe_interval)
+        h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
+        self.assertEqual(len(h.payloads_of(Dead)), 2)
+
+    def test_an_accuser_of_a_newer_incarnation_is_not_contradicted(self) -> None:
+        h = Harness()
+        for i in range(2, 6):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
+        h.take()
+        # p4 has seen p2 come back at incarnation 2: our verdict is older news.
+        h.node.handle_packet([Suspect(2, "p2", "p4")], ("x", 1))
+        self.assertEqual(h.payloads_of(Dead), [])
+
+    def test_a_late_accuser_of_a_member_that_left_hears_the_goodbye(self) -> None:
+        h = Harness()
+        for i in range(2, 6):
+            h.add_peer(i)
+        h.node.stop()
+        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
+        h.take()
+        h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
+        self.assertEqual(h.payloads_of(Dead), [((host_of(ip(4)), 7946), Dead(1, "p2", "p2"))])
 
     def test_a_member_that_says_goodbye_has_left(self) -> None:
         h = Harness()

@@ -165,6 +165,11 @@ class ImageResource(JsonResource):
         if entry is not None:
             body = self._write_image(request, parsed, entry, b"HIT")
             self._metrics.count_image(True, self._timer() - started)
+            if request.code == 304:
+                # Returning b"" would make Twisted send "Content-Length: 0", which a
+                # 304 must not (it would contradict the 200's length, RFC 9110 8.6).
+                request.finish()
+                return NOT_DONE_YET
             return body
         d = self._backend.serve(parsed.spec)
         d.addCallbacks(

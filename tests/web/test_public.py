@@ -6,14 +6,17 @@ import json
 from urllib.parse import quote
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from imgproxy.errors import ProxyError
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec, sign_query
 from imgproxy.web.public import ImageResource
-from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot
+from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot, NodeSite
 from imgproxy.worker.cache import CacheEntry
 
 SOURCE = "http://origin.example/cat.jpg"
@@ -66,6 +69,7 @@ class ImageResourceTests(TestCase):
             b"health": JsonDocument(lambda: {"name": "n1", "members": []}),
             b"metrics": MetricsResource(self.metrics),
         })
+        self.root = root
         self.http = StubTreq(root)
 
     def url(self, url: str) -> str:
@@ -119,6 +123,28 @@ class ImageResourceTests(TestCase):
             self.assertEqual(self.header(response, "etag"), '"abc123"')
         response, _ = yield self.get(BASE, if_none_match='"other"')
         self.assertEqual(response.code, 200)
+
+    @inlineCallbacks
+    def test_a_304_carries_no_content_length_on_the_wire(self):
+        # RFC 9110 8.6: a 304's Content-Length, if any, must be the 200's; none is right,
+        # "0" is wrong. The client side of StubTreq hides the header, so read the wire.
+        yield self.get(BASE)
+        for attempt in ("miss", "hit"):
+            if attempt == "miss":
+                self.backend.cache.clear()
+            site = NodeSite(self.root, Clock())
+            channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.dataReceived(
+                b"GET " + self.url(BASE).removeprefix("http://proxy.example").encode()
+                + b" HTTP/1.1\r\n"
+                b"Host: x\r\nIf-None-Match: \"abc123\"\r\n\r\n"
+            )
+            head = transport.value().partition(b"\r\n\r\n")[0].lower()
+            channel.connectionLost(None)
+            self.assertTrue(head.startswith(b"http/1.1 304 "), (attempt, head))
+            self.assertNotIn(b"content-length", head, attempt)
 
     @inlineCallbacks
     def test_format_auto_varies_on_accept(self):

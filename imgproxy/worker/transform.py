@@ -36,7 +36,7 @@ from imgproxy.params import CONTENT_TYPES, TransformSpec
 #: Formats this module reads and writes, by the name the contract uses.
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
 #: Output formats that keep an animated source animated.
-ANIMATED_OUTPUTS = frozenset({"webp", "gif"})
+ANIMATED_OUTPUTS = frozenset({"webp", "gif", "avif"})
 #: An animation may decode at most this many times ``max_pixels``, all frames together.
 FRAME_PIXEL_BUDGET = 4
 
@@ -486,15 +486,13 @@ def _transform(
 
 
 def _check_output(geometry: Geometry, frames: int, limits: TransformLimits) -> None:
-    # cover and fill may upscale: the output is held to the source's limits
-    # too (a 1x1 source to 8192x8192 would cost 67 Mpx and seconds of AVIF).
+    # A still output may be anything the parameters allow (8192x8192 at most, as
+    # the contract's range says, thumbor and imgproxy too). cover and fill may
+    # upscale every frame of an animation though: all frames together are held to
+    # the same budget as the source's.
+    if frames <= 1:
+        return
     pixels = geometry.width * geometry.height
-    if pixels > limits.max_pixels:
-        raise ProxyError(
-            400,
-            f"the requested output {geometry.width}x{geometry.height} is more than "
-            f"the limit of {limits.max_pixels} pixels",
-        )
     budget = FRAME_PIXEL_BUDGET * limits.max_pixels
     if frames * pixels > budget:
         raise ProxyError(
@@ -582,8 +580,10 @@ def _render_animation(
         if frame.size != (stored.source_width, stored.source_height):
             # A GIF frame may grow the canvas past what the header said.
             raise ProxyError(413, "a frame of the source animation is larger than its canvas")
+        rgba = frame.convert("RGBA")
+        # WebP and AVIF set a frame's duration only once it is decoded.
         durations.append(int(round(frame.info.get("duration", 0) or 0)))
-        frames.append(_render_frame(frame.convert("RGBA"), stored, orientation))
+        frames.append(_render_frame(rgba, stored, orientation))
     return frames, durations
 
 
@@ -710,9 +710,10 @@ def _encode(
             # No loop count (no NETSCAPE block) means "play once".
             if loop is not None:
                 options["loop"] = loop
-        else:
+        elif out_format == "webp":
             # WebP always has a count: 0 is forever, 1 is once.
             options["loop"] = 1 if loop is None else loop
+        # Pillow writes AVIF sequences without a repetition count: players loop them.
     buffer = io.BytesIO()
     first.save(buffer, _PILLOW_FORMATS[out_format], **options)
     return buffer.getvalue()

@@ -135,8 +135,9 @@ def decode_query(
     for raw_name, raw_value in split_query(raw_query):
         name = _decode(raw_name, "a parameter name")
         if name not in known:
-            shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode()
-            raise ProxyError(400, f"unknown parameter {shown!r}")
+            # repr() escapes what is not printable; the name is cut to keep errors short.
+            shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+            raise ProxyError(400, f"unknown parameter {shown}")
         if name in values:
             raise ProxyError(400, f"parameter {name!r} is given more than once")
         values[name] = _decode(raw_value, f"parameter {name!r}")

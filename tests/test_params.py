@@ -74,7 +74,10 @@ class ParseImageQueryTests(SynchronousTestCase):
 
     def test_repeated_and_unknown_parameters(self) -> None:
         self.assertIn("more than once", self.assertRefused(Q + "&w=1&w=2"))
-        self.assertIn("unknown", self.assertRefused(Q + "&width=3"))
+        self.assertIn("unknown parameter 'width'", self.assertRefused(Q + "&width=3"))
+        # Unprintable names are escaped as text, never shown as Python bytes.
+        self.assertEqual(self.assertRefused(Q + "&w%00=3"), "unknown parameter 'w\\x00'")
+        self.assertTrue(self.assertRefused(Q + "&" + "x" * 60 + "=1").endswith("'..."))
 
     def test_invalid_utf8_is_a_400(self) -> None:
         self.assertRefused(Q + "&fit=%ff%fe")

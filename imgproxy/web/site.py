@@ -58,8 +58,18 @@ class NodeRoot(Resource):
         self._index = index
         self._not_found = NotFound()
 
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        child = self.children.get(path)
+        if child is None:
+            return self.getChild(path, request)
+        if request.postpath and getattr(child, "isLeaf", False):
+            # "/image/anything" is not "/image": a leaf would serve it all alike.
+            return self._not_found
+        return child
+
     def getChild(self, path: bytes, request: Request) -> IResource:
-        if path == b"" and self._index is not None:
+        # "/" is the index; "//image" (an empty segment, then more) is nothing.
+        if path == b"" and self._index is not None and not request.postpath:
             return self._index
         return self._not_found
 
@@ -77,8 +87,26 @@ def raw_json_response(status: int, phrase: bytes, reason: str) -> bytes:
     body = error_body(status, reason)
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+        b"cache-control: no-store\r\nconnection: close\r\n\r\n%s"
+        % (status, phrase, len(body), body)
     )
+
+
+def origin_form(target: bytes) -> bytes:
+    """The path and query of an absolute-form request target (RFC 9112 3.2.2).
+
+    Servers must accept ``GET http://host/image?url=... HTTP/1.1``; Twisted takes
+    the target as a path. Anything else that is not a path stays as it is (and
+    finds no resource).
+    """
+    scheme, separator, rest = target.partition(b"://")
+    if not separator or scheme.lower() not in (b"http", b"https"):
+        return target
+    authority_end = min(
+        (i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest)
+    )
+    path = rest[authority_end:]
+    return path if path.startswith(b"/") else b"/" + path
 
 
 class TrackedRequest(Request):
@@ -90,6 +118,11 @@ class TrackedRequest(Request):
     """
 
     body_refused = False
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if path[:1] != b"/" and path != b"*":
+            path = origin_form(path)
+        super().requestReceived(command, path, version)
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:

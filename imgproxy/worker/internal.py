@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from imgproxy.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, RequestSigner
@@ -30,11 +30,11 @@ from imgproxy.params import (
 )
 from imgproxy.web.public import (
     JsonResource,
-    NotFound,
     finish_with_failure,
     raw_query_of,
     write_error,
 )
+from imgproxy.web.site import NodeRoot
 from imgproxy.worker.cache import CacheEntry, source_cache_key
 from imgproxy.worker.images import ImageService
 
@@ -211,10 +211,8 @@ def internal_api(
     images: ImageService, signer: RequestSigner | None, clock: IReactorTime, metrics: NodeMetrics
 ) -> IResource:
     """The ``/v1`` resource tree."""
-    v1 = Resource()
-    v1.putChild(b"image", ImageEndpoint(images, signer, clock, metrics))
-    v1.putChild(b"source", SourceEndpoint(images, signer, clock, metrics))
-    v1.putChild(b"cache", CacheEndpoint(images, signer, clock, metrics))
-    not_found = NotFound()
-    v1.getChild = lambda path, request: not_found  # type: ignore[method-assign]
-    return v1
+    return NodeRoot({
+        b"image": ImageEndpoint(images, signer, clock, metrics),
+        b"source": SourceEndpoint(images, signer, clock, metrics),
+        b"cache": CacheEndpoint(images, signer, clock, metrics),
+    })

@@ -8,7 +8,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from imgproxy.web.site import NodeSite
+from imgproxy.web.site import JsonDocument, NodeRoot, NodeSite, origin_form
 
 
 class FinishedRequest:
@@ -57,18 +57,16 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(self.access_events()[0]["requests"][0]["uri"], "/last")
 
 
-class ProtocolErrorTests(SynchronousTestCase):
-    """Errors Twisted would answer in HTML, an empty body or not at all are JSON here."""
+class WireExchange(SynchronousTestCase):
+    """Feeds raw bytes to a NodeSite's channel and returns the raw response."""
 
-    def exchange(self, data: bytes) -> bytes:
+    def exchange(self, data: bytes, root: NodeRoot | None = None) -> bytes:
         from twisted.internet import reactor
         from twisted.internet.testing import StringTransport
 
-        from imgproxy.web.site import NodeRoot
-
         clock = Clock()
         reactor_calls = set(reactor.getDelayedCalls())
-        site = NodeSite(NodeRoot({}), clock)
+        site = NodeSite(root or NodeRoot({}), clock)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -77,6 +75,10 @@ class ProtocolErrorTests(SynchronousTestCase):
         self.assertEqual(set(reactor.getDelayedCalls()), reactor_calls)
         channel.connectionLost(None)
         return transport.value()
+
+
+class ProtocolErrorTests(WireExchange):
+    """Errors Twisted would answer in HTML, an empty body or not at all are JSON here."""
 
     def assertJsonStatus(self, response: bytes, status: int) -> None:
         head, _, body = response.partition(b"\r\n\r\n")
@@ -97,7 +99,9 @@ class ProtocolErrorTests(SynchronousTestCase):
         self.assertJsonStatus(response, 413)
 
     def test_malformed_request_line_is_json_400(self) -> None:
-        self.assertJsonStatus(self.exchange(b"GARBAGE\r\n\r\n"), 400)
+        response = self.exchange(b"GARBAGE\r\n\r\n")
+        self.assertJsonStatus(response, 400)
+        self.assertIn(b"\r\ncache-control: no-store\r\n", response)
 
     def test_overlong_request_line_is_json_431(self) -> None:
         self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 431)
@@ -106,3 +110,48 @@ class ProtocolErrorTests(SynchronousTestCase):
         self.assertJsonStatus(self.exchange(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"), 405)
         options = self.exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(options.startswith(b"HTTP/1.1 200"), options)
+
+
+class RoutingTests(WireExchange):
+    """Exactly the contract's paths: no prefix matches, no empty segments, any target form."""
+
+    def setUp(self) -> None:
+        self.root = NodeRoot(
+            {b"health": JsonDocument(lambda: {"ok": True})},
+            index=JsonDocument(lambda: {"index": True}),
+        )
+
+    def status_of(self, target: bytes) -> int:
+        response = self.exchange(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", self.root)
+        return int(response.split(b" ", 2)[1])
+
+    def test_named_paths_and_the_index(self) -> None:
+        self.assertEqual(self.status_of(b"/health"), 200)
+        self.assertEqual(self.status_of(b"/"), 200)
+        self.assertEqual(self.status_of(b"/nothing"), 404)
+
+    def test_a_leaf_is_not_a_prefix(self) -> None:
+        for target in (b"/health/x", b"/health/", b"/health/../health/x"):
+            self.assertEqual(self.status_of(target), 404, target)
+
+    def test_an_empty_first_segment_is_not_the_index(self) -> None:
+        self.assertEqual(self.status_of(b"//health"), 404)
+        self.assertEqual(self.status_of(b"//"), 404)
+
+    def test_absolute_form_targets_are_served_like_paths(self) -> None:
+        self.assertEqual(self.status_of(b"http://x/health"), 200)
+        self.assertEqual(self.status_of(b"HTTPS://x:8080/health?a=1"), 200)
+        self.assertEqual(self.status_of(b"http://x"), 200)  # the index
+        self.assertEqual(self.status_of(b"ftp://x/health"), 404)
+
+    def test_origin_form(self) -> None:
+        cases = {
+            b"http://h/image?url=a": b"/image?url=a",
+            b"http://h:1?x": b"/?x",
+            b"http://h": b"/",
+            b"http://user@h/p": b"/p",
+            b"garbage": b"garbage",
+            b"ftp://h/p": b"ftp://h/p",
+        }
+        for target, expected in cases.items():
+            self.assertEqual(origin_form(target), expected, target)

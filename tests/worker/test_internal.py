@@ -67,6 +67,13 @@ class InternalApiTests(TestCase):
         self.assertEqual(self.origin.calls, 1)
 
     @inlineCallbacks
+    def test_only_the_contracts_paths_exist(self):
+        for path in ("/v1/image/extra", "/v1/cache/", "/v1/nothing", "/v1"):
+            response = yield self.http.get("http://worker.test" + path)
+            self.assertEqual(response.code, 404, path)
+            yield response.content()
+
+    @inlineCallbacks
     def test_source_lookup_serves_the_original_for_handoff(self):
         yield self.client.produce(WORKER, TransformSpec(URL, width=20))
         source = yield self.client.lookup_source(WORKER, URL)

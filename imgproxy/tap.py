@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from imgproxy.config import (
@@ -20,6 +21,7 @@ from imgproxy.config import (
     ConfigError,
     default_advertise_address,
     http_endpoint,
+    http_port_of,
     parse_duration,
     parse_networks,
     parse_positive_int,
@@ -180,6 +182,13 @@ class Options(usage.Options):
             raise ConfigError(
                 f"--http: {self['http']!r} is not a strports description like tcp:8080"
             )
+        try:
+            # Parsing builds the endpoint without listening (nor touching a reactor).
+            serverFromString(None, values["http"])
+        except Exception as error:
+            raise ConfigError(f"--http: {self['http']!r} is not usable: {error}") from None
+        if not 0 <= http_port_of(values["http"]) <= 65535:
+            raise ConfigError(f"--http: {self['http']!r} has a port outside 0..65535")
         return Config(**values)
 
 

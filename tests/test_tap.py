@@ -68,6 +68,8 @@ class FlagTests(SynchronousTestCase):
                      ["--cluster-secret", "c2hvcnQ="], ["--cluster-secret", "!!"],
                      ["--allow-networks", "10.0.0.0/33"], ["--role", "boss"],
                      ["--gossip-port", "70000"], ["--join", "host:0"], ["--http", "nonsense"],
+                     ["--http", "tcp:notaport"], ["--http", "tcp:99999"],
+                     ["--http", "tcp:8080:interface=127.0.0.1:bogus=1"],
                      ["--max-source-pixels", "-5"], ["--node-name", " "]):
             with self.subTest(argv=argv), self.assertRaises(usage.UsageError):
                 options(argv)

@@ -887,10 +887,7 @@ class SwimNode:
         if d.incarnation < state.incarnation:
             self._restate_if_self(state)
             return
-        timer = self._suspicions.pop(d.node, None)
-        if timer is not None:
-            timer.cancel()
-            accusers = accusers | timer.accusers
+        accusers = accusers | self._clear_suspicion(d.node)
         if state.dead_or_left:
             return
         if state.name == self.name:
@@ -965,10 +962,13 @@ class SwimNode:
             alive = Alive(me.incarnation, me.name, me.addr, me.port, me.meta, me.vsn)
             self._broadcasts.queue(me.name, alive)
 
-    def _clear_suspicion(self, name: str) -> None:
+    def _clear_suspicion(self, name: str) -> frozenset[str]:
+        """Stop the countdown for ``name``; the members heard accusing it."""
         timer = self._suspicions.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        if timer is None:
+            return frozenset()
+        timer.cancel()
+        return timer.accusers
 
     # -- gossip and sending -----------------------------------------------------------
 

@@ -495,4 +495,11 @@ def detection_table(sizes: tuple[int, ...] = (3, 5, 10), seeds: int = 10) -> str
 
 
 if __name__ == "__main__":
-    print(detection_table())
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Crash-detection times in the simulation.")
+    parser.add_argument("--seeds", type=int, default=10, help="crashes per profile and size")
+    parser.add_argument("--sizes", default="3,5,10", help="cluster sizes, comma-separated")
+    arguments = parser.parse_args()
+    sizes = tuple(int(size) for size in arguments.sizes.split(","))
+    print(detection_table(sizes, arguments.seeds))

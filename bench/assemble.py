@@ -6,6 +6,7 @@ file, in a fixed order, with the targets of the issues in front.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -47,8 +48,13 @@ def assemble() -> str:
         if not path.exists():
             parts.append(f"## {name}\n\nNot run yet: `{command}` writes it.\n")
             continue
-        parts.append(demote(path.read_text()))
+        parts.append(beside_the_reports(demote(path.read_text())))
     return "\n".join(parts)
+
+
+def beside_the_reports(markdown: str) -> str:
+    """Plot links are relative to the report; BENCHMARKS.md sits two folders up."""
+    return re.sub(r"\]\(([\w.-]+\.png)\)", r"](bench/results/\1)", markdown)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import assemble  # noqa: E402
 import corpus  # noqa: E402 - bench/ is not a package; its modules import each other by name
 import pillow_ceiling  # noqa: E402
 import profiles  # noqa: E402
@@ -185,3 +186,15 @@ class SummariseStacksTests(SynchronousTestCase):
     def test_a_missing_file_says_why(self) -> None:
         lines = profiles.summarise_stacks(self.dir / "missing.txt")
         self.assertIn("py-spy failed", lines[0])
+
+
+class AssembleTests(SynchronousTestCase):
+    """BENCHMARKS.md sits at the top; the plots sit beside the reports."""
+
+    def test_plot_links_point_into_the_results_folder(self) -> None:
+        text = "![a](hits.png) ![b](soak-long-cluster.png) [c](other.md) ![d](https://x/y.png)"
+        self.assertEqual(
+            assemble.beside_the_reports(text),
+            "![a](bench/results/hits.png) ![b](bench/results/soak-long-cluster.png) "
+            "[c](other.md) ![d](https://x/y.png)",
+        )

@@ -284,11 +284,38 @@ class SuspicionTests(SynchronousTestCase):
         h.clock.advance(0.2)
         self.assertEqual(h.state("p2"), NodeState.DEAD)
 
-    def test_the_verdict_goes_straight_to_every_accuser_heard(self) -> None:
+    def test_a_member_that_says_goodbye_has_left(self) -> None:
         h = Harness()
-        for i in range(2, 10):
+        h.add_peer(2)
+        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
+        self.assertEqual(h.state("p2"), NodeState.LEFT)
+        self.assertEqual(h.kinds()[-1], ("leave", "p2"))
+
+
+def address_of(last: int) -> tuple[str, int]:
+    return (host_of(ip(last)), 7946)
+
+
+class DirectVerdictTests(SynchronousTestCase):
+    """"dead" sent straight to the members heard accusing (a deviation from memberlist)."""
+
+    def silent_node(self, peers: int) -> Harness:
+        """A node knowing p2..p(peers + 1), stopped: no probes or gossip, only direct sends."""
+        h = Harness()
+        for i in range(2, peers + 2):
             h.add_peer(i)
-        h.node.stop()  # no probing or gossip of our own: only the direct sends remain
+        h.node.stop()
+        return h
+
+    def buried(self, peers: int, declared_by: str) -> Harness:
+        """A silent node that was told p2 is dead (or, declared by p2 itself, left)."""
+        h = self.silent_node(peers)
+        h.node.handle_packet([Dead(1, "p2", declared_by)], ("x", 1))
+        h.take()
+        return h
+
+    def test_the_verdict_goes_straight_to_every_accuser_heard(self) -> None:
+        h = self.silent_node(8)
         h.node.handle_packet([Suspect(1, "p2", "p3")], ("x", 1))
         h.node.handle_packet([Suspect(1, "p2", "p4"), Suspect(1, "p2", "p5")], ("x", 1))
         h.node.handle_packet([Suspect(1, "p2", "p6")], ("x", 1))  # past k = 2: still heard
@@ -296,25 +323,19 @@ class SuspicionTests(SynchronousTestCase):
         h.clock.advance(24)
         self.assertEqual(h.state("p2"), NodeState.DEAD)
         verdicts = sorted(addr for addr, m in h.payloads_of(Dead) if m == Dead(1, "p2", "me"))
-        self.assertEqual(verdicts, [(host_of(ip(i)), 7946) for i in (3, 4, 5, 6)])
+        self.assertEqual(verdicts, [address_of(i) for i in (3, 4, 5, 6)])
 
     def test_a_verdict_heard_from_a_peer_is_passed_to_the_other_accusers(self) -> None:
-        h = Harness()
-        for i in range(2, 10):
-            h.add_peer(i)
-        h.node.stop()
+        h = self.silent_node(8)
         h.node.handle_packet([Suspect(1, "p2", "p3"), Suspect(1, "p2", "p4")], ("x", 1))
         h.take()
         h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
         # p3 declared it: it knows. p4 is told directly.
         direct = [addr for addr, m in h.payloads_of(Dead) if m == Dead(1, "p2", "p3")]
-        self.assertEqual(direct, [(host_of(ip(4)), 7946)])
+        self.assertEqual(direct, [address_of(4)])
 
     def test_a_goodbye_is_not_sent_to_accusers(self) -> None:
-        h = Harness()
-        for i in range(2, 10):
-            h.add_peer(i)
-        h.node.stop()
+        h = self.silent_node(8)
         h.node.handle_packet([Suspect(1, "p2", "p3")], ("x", 1))
         h.take()
         h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
@@ -322,23 +343,13 @@ class SuspicionTests(SynchronousTestCase):
         self.assertEqual(h.payloads_of(Dead), [])
 
     def test_a_late_accuser_of_a_buried_member_is_told_it_is_dead(self) -> None:
-        h = Harness()
-        for i in range(2, 6):
-            h.add_peer(i)
-        h.node.stop()
-        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
-        h.take()
+        h = self.buried(4, declared_by="p3")
         h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
-        self.assertEqual(h.payloads_of(Dead), [((host_of(ip(4)), 7946), Dead(1, "p2", "me"))])
+        self.assertEqual(h.payloads_of(Dead), [(address_of(4), Dead(1, "p2", "me"))])
         self.assertEqual(h.node.counters.corrections, 1)
 
     def test_late_accusers_are_told_once_a_probe_interval(self) -> None:
-        h = Harness()
-        for i in range(2, 6):
-            h.add_peer(i)
-        h.node.stop()
-        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
-        h.take()
+        h = self.buried(4, declared_by="p3")
         for _ in range(3):
             h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
         self.assertEqual(len(h.payloads_of(Dead)), 1)
@@ -347,32 +358,15 @@ class SuspicionTests(SynchronousTestCase):
         self.assertEqual(len(h.payloads_of(Dead)), 2)
 
     def test_an_accuser_of_a_newer_incarnation_is_not_contradicted(self) -> None:
-        h = Harness()
-        for i in range(2, 6):
-            h.add_peer(i)
-        h.node.stop()
-        h.node.handle_packet([Dead(1, "p2", "p3")], ("x", 1))
-        h.take()
+        h = self.buried(4, declared_by="p3")
         # p4 has seen p2 come back at incarnation 2: our verdict is older news.
         h.node.handle_packet([Suspect(2, "p2", "p4")], ("x", 1))
         self.assertEqual(h.payloads_of(Dead), [])
 
     def test_a_late_accuser_of_a_member_that_left_hears_the_goodbye(self) -> None:
-        h = Harness()
-        for i in range(2, 6):
-            h.add_peer(i)
-        h.node.stop()
-        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
-        h.take()
+        h = self.buried(4, declared_by="p2")
         h.node.handle_packet([Suspect(1, "p2", "p4")], ("x", 1))
-        self.assertEqual(h.payloads_of(Dead), [((host_of(ip(4)), 7946), Dead(1, "p2", "p2"))])
-
-    def test_a_member_that_says_goodbye_has_left(self) -> None:
-        h = Harness()
-        h.add_peer(2)
-        h.node.handle_packet([Dead(1, "p2", "p2")], ("x", 1))
-        self.assertEqual(h.state("p2"), NodeState.LEFT)
-        self.assertEqual(h.kinds()[-1], ("leave", "p2"))
+        self.assertEqual(h.payloads_of(Dead), [(address_of(4), Dead(1, "p2", "p2"))])
 
 
 class ProbeTests(SynchronousTestCase):

@@ -36,6 +36,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from imgproxy.params import source_key_of
 from imgproxy.placement import Placement, WorkerRef
@@ -498,3 +499,20 @@ def stop_shared_cluster(key: Any) -> None:
     cluster = _shared.pop(key, None)
     if cluster is not None:
         cluster.stop_blocking()
+
+
+class SharedClusterTestCase(TestCase):
+    """Tests against their module's shared cluster, with a fresh origin of ``images``
+    JPEGs each (its new port makes every image URL a key no node has seen)."""
+
+    timeout = 150
+    images = 60
+
+    def setUp(self) -> Deferred[None]:
+        self.reactor = live_reactor()
+        return Deferred.fromCoroutine(self._set_up())
+
+    async def _set_up(self) -> None:
+        self.cluster = await shared_cluster(type(self).__module__, self.reactor)
+        self.origin = await self.cluster.serve_images(self.reactor, self.images)
+        self.addCleanup(lambda: Deferred.fromCoroutine(close_origin(self.reactor, self.origin)))

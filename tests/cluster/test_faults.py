@@ -13,17 +13,14 @@ import signal
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import DeferredSemaphore, gatherResults
 
 from tests.cluster.helpers import (
     RequestStream,
-    close_origin,
+    SharedClusterTestCase,
     image_path,
     in_thread,
-    live_reactor,
     pause,
-    shared_cluster,
     stop_shared_cluster,
     wait_for,
 )
@@ -34,18 +31,8 @@ def tearDownModule() -> None:
     stop_shared_cluster(__name__)
 
 
-class FaultTestCase(TestCase):
-    timeout = 150
+class FaultTestCase(SharedClusterTestCase):
     images = 40
-
-    def setUp(self) -> Deferred[None]:
-        self.reactor = live_reactor()
-        return Deferred.fromCoroutine(self._set_up())
-
-    async def _set_up(self) -> None:
-        self.cluster = await shared_cluster(__name__, self.reactor)
-        self.origin = await self.cluster.serve_images(self.reactor, self.images)
-        self.addCleanup(lambda: Deferred.fromCoroutine(close_origin(self.reactor, self.origin)))
 
     async def warm(self, in_flight: int = 4) -> None:
         """Every image once through the first gateway, so the stream is steady (hits).

@@ -17,19 +17,17 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
 from imgproxy.auth import RequestSigner
 from imgproxy.membership.profiles import LOCAL
 from tests.cluster.helpers import (
     GossipPartition,
     RequestStream,
-    close_origin,
+    SharedClusterTestCase,
     image_path,
     in_thread,
-    live_reactor,
     pause,
-    shared_cluster,
     stop_shared_cluster,
     wait_for,
 )
@@ -41,20 +39,10 @@ def tearDownModule() -> None:
     stop_shared_cluster(__name__)
 
 
-class ClusterTestCase(TestCase):
+class ClusterTestCase(SharedClusterTestCase):
     """A shared 2-gateway, 3-worker cluster and a fresh origin of ``images`` JPEGs a test."""
 
-    timeout = 150
     images = 60
-
-    def setUp(self) -> Deferred[None]:
-        self.reactor = live_reactor()
-        return Deferred.fromCoroutine(self._set_up())
-
-    async def _set_up(self) -> None:
-        self.cluster = await shared_cluster(__name__, self.reactor)
-        self.origin = await self.cluster.serve_images(self.reactor, self.images)
-        self.addCleanup(lambda: Deferred.fromCoroutine(close_origin(self.reactor, self.origin)))
 
     # -- helpers
 

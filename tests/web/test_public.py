@@ -6,18 +6,16 @@ import json
 from urllib.parse import quote
 
 from treq.testing import StubTreq
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from imgproxy.errors import ProxyError
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec, sign_query
 from imgproxy.web.public import ImageResource
-from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot, NodeSite
+from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot
 from imgproxy.worker.cache import CacheEntry
+from tests.web.wire import exchange
 
 SOURCE = "http://origin.example/cat.jpg"
 BASE = "http://proxy.example/image?url=" + quote(SOURCE, safe="")
@@ -132,17 +130,12 @@ class ImageResourceTests(TestCase):
         for attempt in ("miss", "hit"):
             if attempt == "miss":
                 self.backend.cache.clear()
-            site = NodeSite(self.root, Clock())
-            channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-            transport = StringTransport()
-            channel.makeConnection(transport)
-            channel.dataReceived(
+            response = exchange(
+                self.root,
                 b"GET " + self.url(BASE).removeprefix("http://proxy.example").encode()
-                + b" HTTP/1.1\r\n"
-                b"Host: x\r\nIf-None-Match: \"abc123\"\r\n\r\n"
+                + b" HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"abc123\"\r\n\r\n",
             )
-            head = transport.value().partition(b"\r\n\r\n")[0].lower()
-            channel.connectionLost(None)
+            head = response.partition(b"\r\n\r\n")[0].lower()
             self.assertTrue(head.startswith(b"http/1.1 304 "), (attempt, head))
             self.assertNotIn(b"content-length", head, attempt)
 

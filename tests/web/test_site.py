@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from imgproxy.web.site import JsonDocument, NodeRoot, NodeSite, origin_form
+from tests.web.wire import exchange
 
 
 class FinishedRequest:
@@ -62,19 +63,12 @@ class WireExchange(SynchronousTestCase):
 
     def exchange(self, data: bytes, root: NodeRoot | None = None) -> bytes:
         from twisted.internet import reactor
-        from twisted.internet.testing import StringTransport
 
-        clock = Clock()
         reactor_calls = set(reactor.getDelayedCalls())
-        site = NodeSite(root or NodeRoot({}), clock)
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(data)
+        response = exchange(root or NodeRoot({}), data)
         # The channel's idle timeout went to the injected clock, not to the reactor.
         self.assertEqual(set(reactor.getDelayedCalls()), reactor_calls)
-        channel.connectionLost(None)
-        return transport.value()
+        return response
 
 
 class ProtocolErrorTests(WireExchange):

@@ -23,7 +23,8 @@ class ClusterView:
         self.previous = Placement(())
         self._departed: dict[str, WorkerRef] = {}
         # Workers membership suspects: not asked for handoffs (a frozen peer would
-        # cost the whole lookup timeout before the origin is tried).
+        # cost the whole lookup timeout before the origin is tried), and routed
+        # around by a gateway until cleared.
         self.suspected: set[str] = set()
         self._listeners: list[Callable[[ClusterView], None]] = []
 

@@ -306,7 +306,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     if membership is not None:
         from imgproxy.membership.service import watch_workers
 
-        watch_workers(membership, view, backend if config.role == "gateway" else None)
+        watch_workers(membership, view)
         if config.role == "worker":
             # Stopped before the listener: the worker stays reachable a moment after
             # leaving, so the new owners of its keys can still pull them.

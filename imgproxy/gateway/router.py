@@ -43,8 +43,6 @@ class ClusterBackend:
         self._clock = clock
         self._variants: Coalescer[tuple[CacheEntry, bool]] = Coalescer()
         self.down: dict[str, float] = {}
-        # Workers membership suspects: routed around until cleared or declared dead.
-        self.suspected: set[str] = set()
         registry = metrics.registry
         self._per_worker = Counter(
             "imgproxy_gateway_worker_requests",
@@ -83,7 +81,8 @@ class ClusterBackend:
             if now - since > DOWN_RECHECK_SECONDS:
                 # Let one request through as the probe: success clears it for good.
                 del self.down[name]
-        return set(self.down) | self.suspected
+        # Workers membership suspects are routed around until cleared or declared dead.
+        return set(self.down) | self.view.suspected
 
     @inlineCallbacks
     def _route(self, spec: TransformSpec):  # type: ignore[no-untyped-def]

@@ -506,8 +506,8 @@ class _OneProtocolFactory(Factory):
         return self._protocol
 
 
-def watch_workers(membership: MembershipService, view: Any, router: Any = None) -> None:
-    """Keep a ``ClusterView`` (and a gateway's suspect list) in step with membership.
+def watch_workers(membership: MembershipService, view: Any) -> None:
+    """Keep a ``ClusterView`` (its workers and its suspects) in step with membership.
 
     Alive and suspect workers stay in the placement (a suspect usually refutes,
     and moving its keys away and back would cost two handoffs); a gateway
@@ -530,8 +530,6 @@ def watch_workers(membership: MembershipService, view: Any, router: Any = None) 
         departed = [event.member.name] if event is not None and event.kind == "leave" else []
         view.suspected = suspects
         view.update(workers, departed_gracefully=departed)
-        if router is not None:
-            router.suspected = suspects
 
     membership.on_event(refresh)
     membership.on_state_change(lambda: refresh(None))

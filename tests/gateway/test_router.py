@@ -119,11 +119,11 @@ class ClusterBackendTests(SynchronousTestCase):
         self.assertEqual((failure.value.status, failure.value.retry_after), (503, 1))
 
     def test_suspected_owner_is_routed_around(self) -> None:
-        self.backend.suspected = {self.order[0]}
+        self.view.suspected = {self.order[0]}
         self.assertEqual(self.served_by(), self.order[1])
 
     def test_only_suspects_left_are_still_tried(self) -> None:
-        self.backend.suspected = {w.name for w in WORKERS}
+        self.view.suspected = {w.name for w in WORKERS}
         self.assertEqual(self.served_by(), self.order[0])
 
     def test_identical_concurrent_requests_collapse_at_the_gateway(self) -> None:

@@ -92,6 +92,8 @@ _ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
+# GIF's alpha is all or nothing: opaque from half up.
+_HALF_ALPHA = [0] * 128 + [255] * 128
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
@@ -649,13 +651,74 @@ def _output_mode(image: Image.Image, out_format: str, icc_profile: bytes | None)
         return image
     if out_format == "gif":
         if mode == "LA":
-            return image.convert("RGBA")
+            image, mode = image.convert("RGBA"), "RGBA"
+        if mode == "RGBA":
+            return _binary_alpha(image)
         if mode == "RGB":
             # Fast octree: ~50x quicker than Pillow's default median cut for
             # GIF, within a few dB.  (RGBA goes to Pillow, which uses it too
             # and keeps the transparent index.)
             return image.quantize(256, method=Image.Quantize.FASTOCTREE)
     return image
+
+
+def _binary_alpha(image: Image.Image) -> Image.Image:
+    """RGBA with every alpha cut to 0 or 255 at half, for GIF's one transparent index.
+
+    Pillow's GIF writer makes only alpha 0 transparent: the faint fringe that
+    resampling leaves around every edge would come out solid, as a halo of
+    ghost lines.  Browsers and libvips cut at half too.
+    """
+    red, green, blue, alpha = image.split()
+    return Image.merge("RGBA", (red, green, blue, alpha.point(_HALF_ALPHA)))
+
+
+def _output_keeps_profile(out_format: str, mode: str, icc_profile: bytes) -> bool:
+    """Whether the output can carry the source's profile beside pixels in its space."""
+    if out_format == "gif":  # Pillow writes no ICC into a GIF
+        return False
+    if _icc_colour_space(icc_profile) == b"GRAY":
+        # WebP and AVIF have no grey mode: the pixels become RGB.
+        return out_format in ("jpeg", "png") and mode in ("L", "LA")
+    return True
+
+
+def _to_srgb(frames: list[Image.Image], icc_profile: bytes) -> list[Image.Image]:
+    """The frames' pixels taken from the profile's colour space to sRGB.
+
+    For an output that cannot carry the profile: sent without it, the raw
+    values of a Display P3 photo look washed out and those of a grey profile
+    too dark or too light.  Frames the profile does not describe, or a profile
+    LittleCMS cannot read, go out as they are.
+    """
+    space = _icc_colour_space(icc_profile)
+    mode = frames[0].mode
+    if space == b"GRAY" and mode in ("L", "LA"):
+        in_mode, out_mode = "L", "RGB"
+    elif space == b"RGB " and mode in ("RGB", "RGBA", "P"):
+        # LittleCMS carries RGBA's alpha through untouched.
+        in_mode = out_mode = "RGBA" if frames[0].has_transparency_data else "RGB"
+    else:
+        return frames
+    try:
+        transform = ImageCms.buildTransform(
+            ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)),
+            ImageCms.createProfile("sRGB"),
+            in_mode,
+            out_mode,
+        )
+        return [_apply_profile(frame, in_mode, transform) for frame in frames]
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return frames
+
+
+def _apply_profile(
+    frame: Image.Image, in_mode: str, transform: ImageCms.ImageCmsTransform
+) -> Image.Image:
+    converted = transform.apply(frame if frame.mode == in_mode else frame.convert(in_mode))
+    if frame.mode == "LA":  # grey with alpha: the grey becomes RGB, the alpha stays
+        converted.putalpha(frame.getchannel("A"))
+    return converted
 
 
 def _profile_fits(icc_profile: bytes | None, image: Image.Image) -> bytes | None:
@@ -687,6 +750,12 @@ def _encode(
     icc_profile: bytes | None,
 ) -> bytes:
     cmyk_source = frames[0].mode == "CMYK"
+    if (
+        icc_profile
+        and not cmyk_source
+        and not _output_keeps_profile(out_format, frames[0].mode, icc_profile)
+    ):
+        frames = _to_srgb(frames, icc_profile)
     outputs = [_clean(_output_mode(frame, out_format, icc_profile)) for frame in frames]
     first = outputs[0]
     # A CMYK profile does not describe the RGB that replaced it.

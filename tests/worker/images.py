@@ -55,6 +55,100 @@ def srgb_profile() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+# Display P3's primaries, adapted to the ICC's D50 white (as in Apple's profile).
+DISPLAY_P3_PRIMARIES = (
+    (0.5151, 0.2412, -0.0011),
+    (0.2920, 0.6922, 0.0419),
+    (0.1571, 0.0666, 0.7841),
+)
+_D50 = (0.9642, 1.0, 0.8249)
+
+
+def _s15f16(*values: float) -> bytes:
+    return b"".join(struct.pack(">i", round(value * 65536)) for value in values)
+
+
+def _icc(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A version 2 display-class ICC profile of ``space`` with ``tags`` (signature, body)."""
+    table_end = 128 + 4 + 12 * len(tags)
+    entries, bodies = [], b""
+    for signature, body in tags:
+        offset = table_end + len(bodies)
+        entries.append(struct.pack(">4sII", signature, offset, len(body)))
+        bodies += body + bytes(-len(body) % 4)
+    size = table_end + len(bodies)
+    header = (
+        struct.pack(">I4sI4s4s4s", size, b"lcms", 0x02100000, b"mntr", space, b"XYZ ")
+        + bytes(12)  # date
+        + b"acsp"
+        + bytes(24)  # platform, flags, manufacturer, model, attributes
+        + struct.pack(">I", 0)  # perceptual intent
+        + _s15f16(*_D50)
+        + bytes(4 + 16 + 28)  # creator, id, reserved
+    )
+    return header + struct.pack(">I", len(tags)) + b"".join(entries) + bodies
+
+
+def _description(text: str) -> bytes:
+    ascii_text = text.encode("ascii") + b"\x00"
+    return (
+        b"desc" + bytes(4) + struct.pack(">I", len(ascii_text)) + ascii_text
+        + bytes(8)  # no Unicode description
+        + bytes(3 + 67)  # no ScriptCode description
+    )
+
+
+def _gamma_curve(gamma: float) -> bytes:
+    return b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + bytes(4) + _s15f16(x, y, z)
+
+
+def rgb_profile(
+    description: str = "Test Display P3",
+    primaries: tuple[tuple[float, float, float], ...] = DISPLAY_P3_PRIMARIES,
+    gamma: float = 2.2,
+) -> bytes:
+    """A matrix/TRC RGB ICC profile with these D50-adapted primaries and one gamma."""
+    curve = _gamma_curve(gamma)
+    return _icc(
+        b"RGB ",
+        [
+            (b"desc", _description(description)),
+            (b"wtpt", _xyz(*_D50)),
+            (b"rXYZ", _xyz(*primaries[0])),
+            (b"gXYZ", _xyz(*primaries[1])),
+            (b"bXYZ", _xyz(*primaries[2])),
+            (b"rTRC", curve),
+            (b"gTRC", curve),
+            (b"bTRC", curve),
+        ],
+    )
+
+
+def grey_profile(gamma: float = 1.0, description: str = "Test linear grey") -> bytes:
+    """A grey ICC profile with one gamma curve (1.0: the samples are linear light)."""
+    return _icc(
+        b"GRAY",
+        [
+            (b"desc", _description(description)),
+            (b"wtpt", _xyz(*_D50)),
+            (b"kTRC", _gamma_curve(gamma)),
+        ],
+    )
+
+
+def in_srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
+    """What ``image``, whose pixels are in ``icc_profile``'s space, looks like in sRGB."""
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"),
+                                          outputMode="RGB")
+    assert converted is not None
+    return converted
+
+
 def jpeg_with_orientation(orientation: int, width: int = 200, height: int = 100) -> bytes:
     """A JPEG stored as left half red, right half blue, tagged with an EXIF
     ``orientation`` and carrying an XMP packet (both must not survive)."""

@@ -438,6 +438,96 @@ class MetadataTests(SynchronousTestCase):
         self.assertNotIn("icc_profile", dropped.info)
 
 
+class ColourTests(SynchronousTestCase):
+    """An output that cannot carry the source's profile gets its pixels in sRGB instead."""
+
+    P3_RED = (200, 50, 50)
+
+    def p3_source(self, fmt: str = "PNG", mode: str = "RGB") -> bytes:
+        image = Image.new("RGB", (40, 30), self.P3_RED)
+        if mode == "RGBA":
+            image.putalpha(Image.linear_gradient("L").resize((40, 30)))
+        return images.encode(image, fmt, icc_profile=images.rgb_profile())
+
+    def test_a_display_p3_photo_as_gif_is_converted_to_srgb(self) -> None:
+        expected = images.in_srgb(Image.new("RGB", (1, 1), self.P3_RED), images.rgb_profile())
+        for source in (self.p3_source(), self.p3_source("JPEG")):
+            out = images.decode(transform_image(source, spec(output_format="gif"), LIMITS).body)
+            self.assertNotIn("icc_profile", out.info)
+            self.assertTrue(close(out.convert("RGB").getpixel((20, 15)),
+                                  expected.getpixel((0, 0)), tolerance=6))
+
+    def test_transparency_survives_the_conversion(self) -> None:
+        out = images.decode(
+            transform_image(self.p3_source(mode="RGBA"), spec(output_format="gif"), LIMITS).body
+        ).convert("RGBA")
+        self.assertEqual(out.getpixel((20, 0))[3], 0)
+        self.assertEqual(out.getpixel((20, 29))[3], 255)
+
+    def test_an_rgb_profile_travels_with_every_other_format(self) -> None:
+        for fmt in ("jpeg", "png", "webp", "avif"):
+            body = transform_image(self.p3_source(), spec(output_format=fmt), LIMITS).body
+            out = images.decode(body)
+            self.assertEqual(out.info.get("icc_profile"), images.rgb_profile(), fmt)
+            self.assertTrue(close(out.convert("RGB").getpixel((20, 15)), self.P3_RED, 6), fmt)
+
+    def test_grey_with_a_grey_profile_becomes_srgb_where_grey_cannot_stay(self) -> None:
+        # Linear-light grey 128 is sRGB 188: sent raw, it would look far too dark.
+        profile = images.grey_profile(gamma=1.0)
+        for source_format in ("JPEG", "PNG"):
+            source = images.encode(Image.new("L", (40, 30), 128), source_format,
+                                   icc_profile=profile)
+            for fmt in ("webp", "avif", "gif"):
+                out = images.decode(transform_image(source, spec(output_format=fmt), LIMITS).body)
+                self.assertNotIn("icc_profile", out.info, fmt)
+                self.assertTrue(
+                    close(out.convert("RGB").getpixel((20, 15)), (188, 188, 188), 4), fmt
+                )
+            for fmt in ("jpeg", "png"):
+                out = images.decode(transform_image(source, spec(output_format=fmt), LIMITS).body)
+                self.assertEqual((out.mode, out.info.get("icc_profile")), ("L", profile), fmt)
+                self.assertTrue(close((out.getpixel((20, 15)),), (128,), 2), fmt)
+
+    def test_grey_with_alpha_keeps_its_alpha_when_converted(self) -> None:
+        image = Image.new("LA", (40, 30), (128, 255))
+        image.paste((128, 0), (0, 0, 20, 30))
+        source = images.encode(image, "PNG", icc_profile=images.grey_profile())
+        out = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
+        self.assertEqual(out.mode, "RGBA")
+        self.assertEqual(out.getpixel((5, 15))[3], 0)
+        self.assertTrue(close(out.getpixel((30, 15)), (188, 188, 188, 255), 4))
+
+    def test_an_unreadable_profile_leaves_the_pixels_as_they_are(self) -> None:
+        broken = bytes(16) + b"RGB " + bytes(108)
+        source = images.encode(Image.new("RGB", (40, 30), self.P3_RED), "PNG",
+                               icc_profile=broken)
+        out = images.decode(transform_image(source, spec(output_format="gif"), LIMITS).body)
+        self.assertTrue(close(out.convert("RGB").getpixel((20, 15)), self.P3_RED, 6))
+
+
+class GifTransparencyTests(SynchronousTestCase):
+    def test_gif_alpha_is_cut_at_half(self) -> None:
+        # GIF has one transparent index: what was mostly transparent must not
+        # come out solid (resampled edges would grow a halo of ghost lines).
+        image = Image.new("RGBA", (256, 4), images.BLUE + (255,))
+        image.putalpha(Image.linear_gradient("L").rotate(90, expand=True).resize((256, 4)))
+        ramp = [image.getpixel((x, 0))[3] for x in range(256)]
+        source = images.encode(image, "PNG")
+        out = images.decode(transform_image(source, spec(output_format="gif"), LIMITS).body)
+        alpha = [out.convert("RGBA").getpixel((x, 0))[3] for x in range(256)]
+        self.assertEqual(alpha, [255 if a >= 128 else 0 for a in ramp])
+
+    def test_a_resized_transparent_shape_does_not_grow(self) -> None:
+        image = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+        image.paste(images.RED + (255,), (50, 50, 150, 150))
+        source = images.encode(image, "PNG")
+        out = images.decode(transform_image(source, spec(width=97, output_format="gif"),
+                                            LIMITS).body)
+        opaque = sum(out.convert("RGBA").getchannel("A").histogram()[1:])
+        # The square covers a quarter of the 97x97 output: about 48.5 squared.
+        self.assertLess(abs(opaque - 48.5 * 48.5), 2 * 97)
+
+
 class AnimationTests(SynchronousTestCase):
     def test_animated_gif_stays_animated_as_gif_webp_and_avif(self) -> None:
         for fmt in ("gif", "webp", "avif"):

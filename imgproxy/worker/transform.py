@@ -32,10 +32,11 @@ from PIL import (
 
 from imgproxy.errors import ProxyError
 from imgproxy.params import CONTENT_TYPES, TransformSpec
+from imgproxy.worker import avif
 
 #: Formats this module reads and writes, by the name the contract uses.
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
-#: Output formats that keep an animated source animated.
+#: Output formats that keep an animated source animated (and PNG, an animated PNG's).
 ANIMATED_OUTPUTS = frozenset({"webp", "gif", "avif"})
 #: An animation may decode at most this many times ``max_pixels``, all frames together.
 FRAME_PIXEL_BUDGET = 4
@@ -53,6 +54,8 @@ RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
 
 PNG_COMPRESS_LEVEL = 6
+# WebP keeps its play count in 16 bits (a GIF's 65535 repeats are one play more).
+_MAX_WEBP_PLAYS = 0xFFFF
 WEBP_METHOD = 4
 AVIF_SPEED = 8
 
@@ -264,7 +267,7 @@ def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
     if fmt == "jpeg":
         return _jpeg_size(data)
     if fmt == "avif":
-        return _avif_size(data)
+        return avif.still_size(data)
     return None
 
 
@@ -308,42 +311,6 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             (length,) = struct.unpack(">H", data[position + 2 : position + 4])
             position += 2 + length
     return None
-
-
-def _iso_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
-    """(type, body start, body end) of the ISO BMFF boxes in ``data[start:end]``."""
-    position = start
-    while position + 8 <= end:
-        size, kind = struct.unpack(">I4s", data[position : position + 8])
-        body = position + 8
-        if size == 1 and body + 8 <= end:
-            (size,) = struct.unpack(">Q", data[body : body + 8])
-            body += 8
-        elif size == 0:
-            size = end - position
-        if size < body - position or position + size > end:
-            return
-        yield kind, body, position + size
-        position += size
-
-
-def _avif_size(data: bytes) -> tuple[int, int] | None:
-    # meta (a full box) > iprp > ipco > ispe: the largest declared extent,
-    # which for a grid image is the whole canvas.
-    sizes = []
-    for meta, meta_start, meta_end in _iso_boxes(data, 0, len(data)):
-        if meta != b"meta":
-            continue
-        for iprp, iprp_start, iprp_end in _iso_boxes(data, meta_start + 4, meta_end):
-            if iprp != b"iprp":
-                continue
-            for ipco, ipco_start, ipco_end in _iso_boxes(data, iprp_start, iprp_end):
-                if ipco != b"ipco":
-                    continue
-                for kind, start, end in _iso_boxes(data, ipco_start, ipco_end):
-                    if kind == b"ispe" and end - start >= 12:
-                        sizes.append(struct.unpack(">II", data[start + 4 : start + 12]))
-    return max(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
 def _check_pixels(width: int, height: int, limits: TransformLimits) -> None:
@@ -442,7 +409,7 @@ def transform_image(data: bytes, spec: TransformSpec, limits: TransformLimits) -
     with _mapped_errors():
         image, info = _open(data, fmt, limits)
         with image:
-            geometry, body = _transform(image, info, spec, out_format, limits)
+            geometry, body = _transform(image, info, spec, out_format, limits, data)
     return TransformedImage(
         body=body,
         output_format=out_format,
@@ -458,20 +425,22 @@ def _transform(
     spec: TransformSpec,
     out_format: str,
     limits: TransformLimits,
+    source: bytes,
 ) -> tuple[Geometry, bytes]:
+    animated = info.frames > 1 and _keeps_animation(info.format, out_format)
     orientation = _orientation(image)
     width, height = info.width, info.height
     if orientation in _SWAPS_AXES:
         width, height = height, width
     geometry = output_geometry(width, height, spec.width, spec.height, spec.fit)
-    _check_output(geometry, info.frames if out_format in ANIMATED_OUTPUTS else 1, limits)
+    _check_output(geometry, info.frames if animated else 1, limits)
     # Geometry in the stored orientation: the pixels are resized before they
     # are turned upright, which is cheaper on the smaller image.
     stored = geometry.swapped() if orientation in _SWAPS_AXES else geometry
     icc_profile = image.info.get("icc_profile") or None
-    if info.frames > 1 and out_format in ANIMATED_OUTPUTS:
+    if animated:
         frames, durations = _render_animation(image, stored, orientation)
-        loop = image.info.get("loop")
+        play_count = _play_count(image, info.format, source)
     else:
         # A palette image that needs no resampling keeps its exact palette,
         # unless it is going to GIF with per-entry alpha (GIF has one
@@ -483,8 +452,31 @@ def _transform(
             or (out_format == "gif" and not isinstance(image.info.get("transparency"), bytes))
         )
         frames = [_render_still(image, info.format, stored, orientation, keep_palette)]
-        durations, loop = [], None
-    return geometry, _encode(frames, durations, loop, out_format, spec.quality, icc_profile)
+        durations, play_count = [], 1
+    return geometry, _encode(frames, durations, play_count, out_format, spec.quality, icc_profile)
+
+
+def _keeps_animation(source_format: str, out_format: str) -> bool:
+    # An animated PNG stays one as PNG; a GIF asked for as PNG becomes a still,
+    # as with thumbor and imgproxy: few expect a .png to move.
+    return out_format in ANIMATED_OUTPUTS or out_format == source_format == "png"
+
+
+def _play_count(image: Image.Image, source_format: str, source: bytes) -> int:
+    """How many times the source animation plays in all; ``avif.FOREVER`` (0) for ever.
+
+    Each format counts its own way: a GIF's NETSCAPE block counts repeats after
+    the first play (none: it plays once), WebP and APNG count plays, and Pillow
+    reads no count from AVIF.  Browsers read them so (Chromium's decoders).
+    """
+    if source_format == "avif":
+        return avif.plays(source)
+    count = image.info.get("loop")
+    if source_format == "gif":
+        if count is None:
+            return 1
+        return avif.FOREVER if count == 0 else int(count) + 1
+    return avif.FOREVER if count is None else int(count)
 
 
 def _check_output(geometry: Geometry, frames: int, limits: TransformLimits) -> None:
@@ -744,7 +736,7 @@ def _clean(image: Image.Image) -> Image.Image:
 def _encode(
     frames: list[Image.Image],
     durations: list[int],
-    loop: int | None,
+    play_count: int,
     out_format: str,
     quality: int,
     icc_profile: bytes | None,
@@ -776,13 +768,15 @@ def _encode(
         if out_format == "gif":
             # Whole frames with alpha: clear each before the next is drawn.
             options["disposal"] = 2
-            # No loop count (no NETSCAPE block) means "play once".
-            if loop is not None:
-                options["loop"] = loop
+            # A count of repeats; none (no NETSCAPE block) means "play once".
+            if play_count != 1:
+                options["loop"] = min(play_count - 1, 0xFFFF) if play_count else 0
         elif out_format == "webp":
-            # WebP always has a count: 0 is forever, 1 is once.
-            options["loop"] = 1 if loop is None else loop
-        # Pillow writes AVIF sequences without a repetition count: players loop them.
+            options["loop"] = min(play_count, _MAX_WEBP_PLAYS)
+        elif out_format == "png":
+            options["loop"] = play_count
     buffer = io.BytesIO()
     first.save(buffer, _PILLOW_FORMATS[out_format], **options)
+    if out_format == "avif" and len(outputs) > 1:
+        return avif.finish_sequence(buffer.getvalue(), play_count)
     return buffer.getvalue()

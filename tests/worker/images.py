@@ -272,3 +272,34 @@ def oriented(pillow_format: str, orientation: int, width: int = 200, height: int
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(stripes(width, height, (RED, BLUE)), pillow_format, exif=exif.tobytes())
+
+
+def plays(data: bytes) -> int:
+    """How many times an animation plays in all, 0 for ever, as browsers read each format."""
+    from imgproxy.worker import avif
+
+    if data[4:12] in (b"ftypavis", b"ftypavif"):
+        return avif.plays(data)
+    image = decode(data)
+    count = image.info.get("loop")
+    if image.format == "GIF":  # a count of repeats after the first play
+        return 1 if count is None else (0 if count == 0 else count + 1)
+    return count
+
+
+def animated_avif_headers(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, creation and modification times) of an AVIF sequence's mvhd, tkhd and mdhd."""
+    from imgproxy.worker import avif
+
+    found = []
+
+    def walk(start: int, end: int) -> None:
+        for kind, body_start, body_end in avif.boxes(data, start, end):
+            if kind in (b"moov", b"trak", b"mdia"):
+                walk(body_start, body_end)
+            elif kind in (b"mvhd", b"tkhd", b"mdhd"):
+                width = 8 if data[body_start] == 1 else 4
+                found.append((kind, data[body_start + 4 : body_start + 4 + 2 * width]))
+
+    walk(0, len(data))
+    return found

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imgproxy.errors import ProxyError
 from imgproxy.params import TransformSpec
+from imgproxy.worker import avif
 from imgproxy.worker.transform import (
     Geometry,
     SourceInfo,
@@ -573,6 +574,64 @@ class AnimationTests(SynchronousTestCase):
         self.assertEqual((gif.n_frames, gif.info.get("loop")), (2, None))
         webp = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
         self.assertEqual((webp.n_frames, webp.info.get("loop")), (2, 1))
+
+    def test_the_play_count_survives_from_every_animated_format_to_every_other(self) -> None:
+        frames = images.animation_frames(2, 20, 20)
+
+        def animation(fmt: str, **options: object) -> bytes:
+            return images.encode(frames[0], fmt, save_all=True, append_images=frames[1:],
+                                 duration=100, **options)
+
+        # Each format counts its own way (a GIF counts repeats, the others plays):
+        # (source, plays in all, 0 for ever).
+        sources = [
+            (animation("GIF"), 1),
+            (animation("GIF", loop=0), 0),
+            (animation("GIF", loop=2), 3),
+            (animation("WEBP", loop=0), 0),
+            (animation("WEBP", loop=1), 1),
+            (animation("WEBP", loop=4), 4),
+            (animation("PNG", loop=0), 0),
+            (animation("PNG", loop=1), 1),
+            (animation("PNG", loop=5), 5),
+            (animation("AVIF"), 0),  # libavif's default: for ever
+            (avif.finish_sequence(animation("AVIF"), 3), 3),
+            (avif.finish_sequence(animation("AVIF"), 1), 1),
+        ]
+        for source, plays in sources:
+            self.assertEqual(images.plays(source), plays)
+            for fmt in ("gif", "webp", "avif", "png"):
+                if fmt == "png" and sniff_format(source) != "png":
+                    continue
+                body = transform_image(source, spec(width=10, output_format=fmt), LIMITS).body
+                self.assertEqual(images.decode(body).n_frames, 2, (sniff_format(source), fmt))
+                self.assertEqual(images.plays(body), plays, (sniff_format(source), plays, fmt))
+
+    def test_an_avif_sequence_carries_no_wall_clock(self) -> None:
+        # libavif stamps the encoding time into three headers: the same frames
+        # would give other bytes (and another ETag) one second later.
+        raw = images.animated_avif_headers(images.encode(
+            images.animation_frames(2, 20, 20)[0], "AVIF", save_all=True,
+            append_images=images.animation_frames(2, 20, 20)[1:], duration=100))
+        self.assertNotEqual({times for _, times in raw}, {bytes(16)})
+        body = transform_image(images.animated_gif(2), spec(output_format="avif"), LIMITS).body
+        headers = images.animated_avif_headers(body)
+        # One track for the colour, one for the alpha.
+        self.assertEqual([kind for kind, _ in headers], [b"mvhd"] + [b"tkhd", b"mdhd"] * 2)
+        self.assertEqual({times for _, times in headers}, {bytes(16)})
+
+    def test_an_animated_png_stays_animated_as_png(self) -> None:
+        frames = images.animation_frames(3, 40, 30)
+        source = images.encode(frames[0], "PNG", save_all=True, append_images=frames[1:],
+                               duration=[40, 80, 120], loop=0)
+        out = images.decode(transform_image(source, spec(width=20), LIMITS).body)
+        self.assertEqual((out.format, out.n_frames, out.size), ("PNG", 3, (20, 15)))
+        seen = []
+        for index, colour in enumerate(images.ANIMATION_COLOURS[:3]):
+            out.seek(index)
+            seen.append(out.info.get("duration"))
+            self.assertTrue(close(out.convert("RGB").getpixel((17, 12)), colour), index)
+        self.assertEqual(seen, [40, 80, 120])
 
     def test_animated_webp_stays_animated(self) -> None:
         result = transform_image(images.animated_webp(4), spec(height=30), LIMITS)

@@ -152,6 +152,11 @@ def check_source_url(url: str) -> str:
         raise ProxyError(400, f"parameter 'url' is longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise ProxyError(400, "parameter 'url' contains spaces or control characters")
+    if not url.isascii():
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\ud800"
+            raise ProxyError(400, "parameter 'url' is not valid Unicode text") from None
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgproxy.errors import ProxyError
 from imgproxy.params import (
     TransformSpec,
+    check_source_url,
     negotiate_format,
     parse_image_query,
     parse_purge_query,
@@ -81,6 +82,12 @@ class ParseImageQueryTests(SynchronousTestCase):
 
     def test_invalid_utf8_is_a_400(self) -> None:
         self.assertRefused(Q + "&fit=%ff%fe")
+
+    def test_a_url_that_is_not_text_is_a_400(self) -> None:
+        # Only JSON can carry a lone surrogate (the internal API's POST body).
+        with self.assertRaises(ProxyError) as caught:
+            check_source_url("http://origin.test/\ud800.jpg")
+        self.assertEqual(caught.exception.status, 400)
 
     def test_order_and_explicit_defaults_do_not_split_the_cache(self) -> None:
         a = parse(Q + "&w=100&h=50").spec

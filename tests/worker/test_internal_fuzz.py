@@ -88,3 +88,13 @@ class InternalApiFuzzTests(SynchronousTestCase):
             payload = json.loads(content)
             self.assertEqual(payload["status"], code)
             self.assertIsInstance(payload["error"], str)
+
+    def test_a_lone_surrogate_in_json_is_a_400_not_a_500(self) -> None:
+        # JSON may escape half of a UTF-16 pair; such a string is not text.
+        for body in (
+            b'{"url": "http://origin.test/\\ud800.jpg"}',
+            b'{"url": "http://origin.test/a.jpg", "fit": "\\ud800"}',
+            b'{"url": "http://origin.test/a.jpg", "format": "\\udfff"}',
+        ):
+            code, content = self.send(b"POST", b"/v1/cache", b"", body, sign=True)
+            self.assertEqual((code, json.loads(content)["status"]), (400, 400), body)

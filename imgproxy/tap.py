@@ -213,7 +213,14 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
     from imgproxy.metrics import NodeMetrics
     from imgproxy.web.public import ImageResource
-    from imgproxy.web.site import JsonDocument, MetricsResource, NodeRoot, NodeSite
+    from imgproxy.web.site import (
+        MAX_REQUEST_HEAD,
+        WORKER_REQUEST_HEAD,
+        JsonDocument,
+        MetricsResource,
+        NodeRoot,
+        NodeSite,
+    )
     from imgproxy.web.status import StatusPage, status_document
 
     root = SequentialService()
@@ -299,7 +306,11 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     children[b"health"] = JsonDocument(health)
     children[b"metrics"] = MetricsResource(metrics)
     children[b"status.json"] = JsonDocument(lambda: status_document(status()))
-    site = NodeSite(NodeRoot(children, index=StatusPage(status)), reactor)
+    site = NodeSite(
+        NodeRoot(children, index=StatusPage(status)),
+        reactor,
+        max_request_head=WORKER_REQUEST_HEAD if config.role == "worker" else MAX_REQUEST_HEAD,
+    )
     DrainService(site, reactor).setServiceParent(root)
     strports.service(config.http, site, reactor=reactor).setServiceParent(root)
 

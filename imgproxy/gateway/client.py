@@ -142,6 +142,12 @@ class WorkerClient:
             reason = f"the worker answered {response.code}"
         if response.code in PASSED_THROUGH:
             return ProxyError(response.code, reason)
+        if response.code in (414, 431):
+            # Another worker would refuse it too: failing over would take every
+            # worker out of rotation for one client's request.
+            return ProxyError(400, "the request is too long")
+        if 400 <= response.code < 500:
+            return ProxyError(502, f"the worker refused the request ({response.code})")
         return WorkerUnavailable(worker, f"answered {response.code}: {reason}")
 
     @inlineCallbacks

@@ -80,6 +80,11 @@ class NodeRoot(Resource):
 
 
 MAX_REQUEST_BODY = 64 * 1024
+#: The longest request line (and line plus headers) a public listener reads.
+MAX_REQUEST_HEAD = 16 * 1024
+#: A worker's: a gateway re-encodes the URL it was given, which may grow it up to
+#: threefold (a "/" sent as is becomes "%2F"), and signs it.
+WORKER_REQUEST_HEAD = 4 * MAX_REQUEST_HEAD
 
 
 def raw_json_response(status: int, phrase: bytes, reason: str) -> bytes:
@@ -169,6 +174,10 @@ class TrackedRequest(Request):
 class NodeChannel(HTTPChannel):
     """HTTP/1.1 whose protocol-level errors are JSON too, like every other error."""
 
+    #: The request line, and the request line with every header: Twisted's 16 KiB.
+    MAX_LENGTH = MAX_REQUEST_HEAD
+    totalHeadersSize = MAX_REQUEST_HEAD
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.transport.write(raw_json_response(400, b"Bad Request", "malformed HTTP request"))
         self.loseConnection()
@@ -203,6 +212,7 @@ class NodeSite(Site):
         clock: IReactorTime,
         flush_interval: float = 1.0,
         batch_size: int = 256,
+        max_request_head: int = MAX_REQUEST_HEAD,
     ) -> None:
         # The injected clock also drives the channels' idle timeouts: no global reactor here.
         super().__init__(resource, reactor=clock)
@@ -212,6 +222,13 @@ class NodeSite(Site):
         self._batch_size = batch_size
         self._pending: list[tuple[str, str, str, int, int]] = []
         self._flush_call: IDelayedCall | None = None
+        self._max_request_head = max_request_head
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if self._max_request_head != MAX_REQUEST_HEAD:
+            channel.MAX_LENGTH = channel.totalHeadersSize = self._max_request_head
+        return channel
 
     def request_done(self, _: object) -> None:
         self.in_flight -= 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,6 +10,7 @@ from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from imgproxy.errors import ProxyError
 from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
 from imgproxy.params import TransformSpec
 from imgproxy.placement import WorkerRef
@@ -39,6 +40,22 @@ class StalledResponse:
         pass
 
 
+class Answered:
+    """A complete response with a JSON error body."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.length = UNKNOWN_LENGTH
+        self.headers = Headers()
+
+    def deliverBody(self, protocol) -> None:
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        protocol.dataReceived(b'{"error": "why", "status": %d}' % self.code)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
 class WorkerClientFailureTests(SynchronousTestCase):
     def client(self, outcome, clock: Clock | None = None) -> WorkerClient:
         return WorkerClient(clock or Clock(), None, lookup_timeout=2.0, http=ScriptedHttp(outcome))
@@ -49,6 +66,21 @@ class WorkerClientFailureTests(SynchronousTestCase):
             with self.subTest(error=type(error).__name__):
                 d = self.client(lambda e=error: fail(e)).lookup(WORKER, SPEC)
                 self.failureResultOf(d, WorkerUnavailable)
+
+    def test_a_request_too_long_for_the_worker_is_the_clients_400_not_a_failover(self) -> None:
+        # Any other worker would refuse it too: failing over would take them all out.
+        for code in (414, 431):
+            d = self.client(lambda c=code: succeed(Answered(c))).lookup(WORKER, SPEC)
+            self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 400)
+
+    def test_another_refusal_of_the_request_is_502_not_a_failover(self) -> None:
+        for code in (405, 411, 429):
+            d = self.client(lambda c=code: succeed(Answered(c))).lookup(WORKER, SPEC)
+            self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+    def test_a_server_error_is_a_reason_to_fail_over(self) -> None:
+        d = self.client(lambda: succeed(Answered(500))).lookup(WORKER, SPEC)
+        self.failureResultOf(d, WorkerUnavailable)
 
     def test_no_answer_within_the_timeout(self) -> None:
         clock = Clock()

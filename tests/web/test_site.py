@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from imgproxy.web.site import JsonDocument, NodeRoot, NodeSite, origin_form
+from imgproxy.web.site import (
+    MAX_REQUEST_HEAD,
+    WORKER_REQUEST_HEAD,
+    JsonDocument,
+    NodeRoot,
+    NodeSite,
+    origin_form,
+)
 from tests.web.wire import exchange
 
 
@@ -61,11 +70,11 @@ class AccessLogTests(SynchronousTestCase):
 class WireExchange(SynchronousTestCase):
     """Feeds raw bytes to a NodeSite's channel and returns the raw response."""
 
-    def exchange(self, data: bytes, root: NodeRoot | None = None) -> bytes:
+    def exchange(self, data: bytes, root: NodeRoot | None = None, **site_options: Any) -> bytes:
         from twisted.internet import reactor
 
         reactor_calls = set(reactor.getDelayedCalls())
-        response = exchange(root or NodeRoot({}), data)
+        response = exchange(root or NodeRoot({}), data, **site_options)
         # The channel's idle timeout went to the injected clock, not to the reactor.
         self.assertEqual(set(reactor.getDelayedCalls()), reactor_calls)
         return response
@@ -99,6 +108,15 @@ class ProtocolErrorTests(WireExchange):
 
     def test_overlong_request_line_is_json_431(self) -> None:
         self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 431)
+
+    def test_a_worker_reads_the_longest_line_a_gateway_can_make_of_a_public_one(self) -> None:
+        # A public line just under the limit, its URL all "/" (kept as is in a query),
+        # re-encoded by the gateway as "%2F": three times as long, plus signature headers.
+        line = b"GET /health?url=" + b"%2F" * (MAX_REQUEST_HEAD - 100) + b" HTTP/1.1\r\n"
+        headers = b"Host: x\r\nX-Imgproxy-Signature: " + b"f" * 200 + b"\r\n\r\n"
+        root = NodeRoot({b"health": JsonDocument(lambda: {"ok": True})})
+        response = self.exchange(line + headers, root, max_request_head=WORKER_REQUEST_HEAD)
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:200])
 
     def test_star_is_json_405_except_for_options(self) -> None:
         self.assertJsonStatus(self.exchange(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"), 405)

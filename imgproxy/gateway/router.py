@@ -90,7 +90,6 @@ class ClusterBackend:
         if not preference:
             raise ProxyError(503, "no worker is alive to serve this image", retry_after=1)
         tried: set[str] = set()
-        last_error = "no worker answered"
         while True:
             overflows_before = self._bounded.overflow_count
             worker = self._bounded.choose(preference, tried | self._excluded())
@@ -99,9 +98,8 @@ class ClusterBackend:
                 # rather than refuse, a suspect is usually alive.
                 worker = self._bounded.choose(preference, tried | set(self.down))
             if worker is None:
-                raise ProxyError(
-                    503, f"no worker could serve this image ({last_error})", retry_after=1
-                )
+                # Which workers failed and why is in the log, not in the public answer.
+                raise ProxyError(503, "no worker could serve this image", retry_after=1)
             if self._bounded.overflow_count != overflows_before:
                 self._overflows.inc()
             if tried:
@@ -111,11 +109,9 @@ class ClusterBackend:
             self._bounded.acquire(worker)
             try:
                 result = yield self._ask(worker, spec)
-            except WorkerBusy as busy:
-                last_error = str(busy)
+            except WorkerBusy:
                 continue
             except WorkerUnavailable as unavailable:
-                last_error = str(unavailable)
                 self._log.warn(
                     "worker {worker} failed: {why}; failing over",
                     worker=worker.name,

@@ -113,6 +113,14 @@ class ClusterBackendTests(SynchronousTestCase):
         failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)
         self.assertEqual(failure.value.status, 503)
 
+    def test_the_public_503_names_no_worker_address_or_exception(self) -> None:
+        for worker in WORKERS:
+            refused = WorkerUnavailable(worker, "ConnectionRefusedError")
+            self.workers.behaviour[worker.name] = refused
+        reason = self.failureResultOf(self.backend.serve(SPEC), ProxyError).value.reason
+        for secret in ("127.0.0", "ConnectionRefused", *(w.name for w in WORKERS)):
+            self.assertNotIn(secret, reason)
+
     def test_no_worker_at_all_is_503(self) -> None:
         self.view.update([])
         failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)

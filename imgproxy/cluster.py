@@ -26,6 +26,9 @@ class ClusterView:
         # cost the whole lookup timeout before the origin is tried), and routed
         # around by a gateway until cleared.
         self.suspected: set[str] = set()
+        # Workers membership declared failed (not departed) and still lists: one
+        # may come back with its cache, so a purge must reach it too.
+        self.failed: dict[str, WorkerRef] = {}
         self._listeners: list[Callable[[ClusterView], None]] = []
 
     def on_change(self, listener: Callable[[ClusterView], None]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgproxy.cluster import ClusterView
+from imgproxy.membership.service import watch_workers
+from imgproxy.membership.state import Member, NodeState
 from imgproxy.params import source_key_of
 from imgproxy.placement import Placement, WorkerRef
 
@@ -39,3 +41,45 @@ class SuspectedPeersTests(SynchronousTestCase):
         self.assertTrue(everyone)
         view.suspected = set(everyone)
         self.assertEqual(view.handoff_candidates(key), [])
+
+
+class WatchedMembership:
+    """Just what ``watch_workers`` reads of a MembershipService: members and their tags."""
+
+    def __init__(self, members: list[tuple[str, str, NodeState]]) -> None:
+        self.listeners: list = []
+        self._members = [
+            Member(name, bytes([127, 0, 0, 1 + i]), 7946, role.encode(), 1, state, 0.0)
+            for i, (name, role, state) in enumerate(members)
+        ]
+
+    def members(self) -> list[Member]:
+        return self._members
+
+    def tags_of(self, member: Member) -> dict[str, str]:
+        return {"role": member.meta.decode(), "http": "8080"}
+
+    def on_event(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def on_state_change(self, listener) -> None:
+        self.listeners.append(listener)
+
+
+class WatchWorkersTests(SynchronousTestCase):
+    def test_alive_suspect_and_failed_workers_each_find_their_place(self) -> None:
+        membership = WatchedMembership([
+            ("a", "worker", NodeState.ALIVE),
+            ("s", "worker", NodeState.SUSPECT),
+            ("d", "worker", NodeState.DEAD),
+            ("l", "worker", NodeState.LEFT),
+            ("g", "gateway", NodeState.ALIVE),
+            ("gd", "gateway", NodeState.DEAD),
+        ])
+        view = ClusterView()
+        watch_workers(membership, view)
+        self.assertEqual(sorted(w.name for w in view.current.workers), ["a", "s"])
+        self.assertEqual(view.suspected, {"s"})
+        # A failed worker may come back with its cache; one that left said goodbye.
+        self.assertEqual(list(view.failed), ["d"])
+        self.assertEqual(view.failed["d"].host, "127.0.0.3")

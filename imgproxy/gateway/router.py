@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import Counter
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from imgproxy.cluster import ClusterView
@@ -12,11 +14,17 @@ from imgproxy.errors import ProxyError
 from imgproxy.gateway.client import WorkerBusy, WorkerClient, WorkerUnavailable
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec, source_key_of
-from imgproxy.placement import BoundedLoad, WorkerRef
+from imgproxy.placement import BoundedLoad, Placement, WorkerRef
 from imgproxy.worker.cache import CacheEntry
 from imgproxy.worker.coalesce import Coalescer
 
 DOWN_RECHECK_SECONDS = 2.0
+#: A failed worker may hold a source's copies when it is this far up the source's
+#: order among all workers, failed ones included: its owner, and where bounded-load
+#: overflow and failover put copies.
+PURGE_HOLDER_RANKS = 3
+#: Purges one gateway keeps, per worker, to replay when the worker is back.
+MAX_PENDING_PURGES = 10_000
 
 
 class ClusterBackend:
@@ -43,6 +51,10 @@ class ClusterBackend:
         self._clock = clock
         self._variants: Coalescer[tuple[CacheEntry, bool]] = Coalescer()
         self.down: dict[str, float] = {}
+        # Source URLs a worker missed the purge of, by worker: it gets no request
+        # from this gateway until it has applied them.
+        self.pending_purges: dict[str, dict[str, None]] = {}
+        self._replays: dict[str, IDelayedCall | Deferred[None]] = {}
         registry = metrics.registry
         self._per_worker = Counter(
             "imgproxy_gateway_worker_requests",
@@ -68,6 +80,9 @@ class ClusterBackend:
         for name in list(self.down):
             if name in alive and self._clock.seconds() - self.down[name] > DOWN_RECHECK_SECONDS:
                 del self.down[name]
+        for name in self.pending_purges:
+            if name in alive:
+                self._schedule_replay(name, 0)
 
     def cached(self, spec: TransformSpec) -> CacheEntry | None:
         return None
@@ -82,7 +97,10 @@ class ClusterBackend:
                 # Let one request through as the probe: success clears it for good.
                 del self.down[name]
         # Workers membership suspects are routed around until cleared or declared dead.
-        return set(self.down) | self.view.suspected
+        excluded = set(self.down) | self.view.suspected
+        if self.pending_purges:
+            excluded.update(self.pending_purges)
+        return excluded
 
     @inlineCallbacks
     def _route(self, spec: TransformSpec):  # type: ignore[no-untyped-def]
@@ -95,8 +113,11 @@ class ClusterBackend:
             worker = self._bounded.choose(preference, tried | self._excluded())
             if worker is None:
                 # Only suspects (or workers that just failed) are left: try them
-                # rather than refuse, a suspect is usually alive.
-                worker = self._bounded.choose(preference, tried | set(self.down))
+                # rather than refuse, a suspect is usually alive.  Never one that
+                # may still serve what was purged.
+                worker = self._bounded.choose(
+                    preference, tried | set(self.down) | set(self.pending_purges)
+                )
             if worker is None:
                 # Which workers failed and why is in the log, not in the public answer.
                 raise ProxyError(503, "no worker could serve this image", retry_after=1)
@@ -134,18 +155,84 @@ class ClusterBackend:
 
     @inlineCallbacks
     def purge(self, url: str):  # type: ignore[no-untyped-def]
-        """Purge from every worker that may hold the source: owner, previous owner, all alive."""
+        """Purge from every worker that may hold the source: all alive ones, the
+        previous owner a handoff could read, and a failed worker that may come back.
+
+        A worker that cannot be reached keeps the purge pending here: this gateway
+        sends it nothing until it has applied it.  The answer is 503 then, since
+        other gateways do not know: the client should retry.
+        """
         source_key = source_key_of(url)
         targets: dict[str, WorkerRef] = {w.name: w for w in self.view.current.workers}
         for worker in self.view.handoff_candidates(source_key):
             targets.setdefault(worker.name, worker)
+        for worker in self._failed_holders(source_key):
+            targets.setdefault(worker.name, worker)
         results = yield DeferredList(
             [self._client.purge(w, url) for w in targets.values()], consumeErrors=True
         )
-        failed = [f for ok, f in results if not ok]
-        for failure in failed:
-            if not failure.check(WorkerUnavailable):
-                self._log.failure("purge failed", failure)
-        if failed and len(failed) == len(results) and results:
-            raise ProxyError(503, "no worker could be reached to purge this image", retry_after=1)
+        unreached = []
+        for worker, (ok, failure) in zip(targets.values(), results, strict=True):
+            if ok:
+                continue
+            unreached.append(worker)
+            if failure.check(WorkerUnavailable):
+                self._log.warn("purge not applied on {worker}: {why}", worker=worker.name,
+                               why=failure.value.why)
+            else:
+                self._log.failure("purge failed on {worker}", failure, worker=worker.name)
+            self._remember_purge(worker.name, url)
+        if unreached:
+            raise ProxyError(
+                503,
+                f"purged from {len(targets) - len(unreached)} of {len(targets)} workers; "
+                f"{len(unreached)} could not be reached and may still hold the image: retry",
+                retry_after=math.ceil(DOWN_RECHECK_SECONDS),
+            )
         return None
+
+    def _failed_holders(self, source_key: str) -> list[WorkerRef]:
+        if not self.view.failed:
+            return []
+        everyone = [*self.view.current.workers, *self.view.failed.values()]
+        ranked = Placement(everyone).preference(source_key)[:PURGE_HOLDER_RANKS]
+        return [w for w in ranked if w.name in self.view.failed]
+
+    def _remember_purge(self, name: str, url: str) -> None:
+        pending = self.pending_purges.setdefault(name, {})
+        if url not in pending and len(pending) >= MAX_PENDING_PURGES:
+            self._log.error(
+                "more than {limit} purges pending on {worker}: this one is not kept",
+                limit=MAX_PENDING_PURGES, worker=name,
+            )
+            return
+        pending[url] = None
+        if self.view.current.member(name) is not None:
+            self._schedule_replay(name, DOWN_RECHECK_SECONDS)
+
+    def _schedule_replay(self, name: str, delay: float) -> None:
+        if name not in self._replays:
+            self._replays[name] = self._clock.callLater(delay, self._replay, name)
+
+    @inlineCallbacks
+    def _replay(self, name: str):  # type: ignore[no-untyped-def]
+        worker = self.view.current.member(name)
+        pending = self.pending_purges.get(name)
+        if worker is None or not pending:
+            # Failed again (membership's return brings it back here), or nothing left.
+            self._replays.pop(name, None)
+            return
+        urls = list(pending)
+        self._replays[name] = d = DeferredList(
+            [self._client.purge(worker, url) for url in urls], consumeErrors=True
+        )
+        results = yield d
+        del self._replays[name]
+        for url, (ok, _) in zip(urls, results, strict=True):
+            if ok:
+                pending.pop(url, None)
+        if pending:
+            self._schedule_replay(name, DOWN_RECHECK_SECONDS)
+        else:
+            del self.pending_purges[name]
+            self._log.info("{worker} applied the purges it had missed", worker=name)

@@ -518,17 +518,22 @@ def watch_workers(membership: MembershipService, view: Any) -> None:
     def refresh(event: MemberEvent | None) -> None:
         workers = []
         suspects = set()
+        failed = {}
         for member in membership.members():
-            if member.state not in (NodeState.ALIVE, NodeState.SUSPECT):
-                continue
             tags = membership.tags_of(member)
             if tags.get("role") != "worker" or not tags.get("http", "").isdigit():
                 continue
-            workers.append(WorkerRef(member.name, member.host, int(tags["http"])))
+            worker = WorkerRef(member.name, member.host, int(tags["http"]))
+            if member.state == NodeState.DEAD:
+                failed[member.name] = worker
+            if member.state not in (NodeState.ALIVE, NodeState.SUSPECT):
+                continue
+            workers.append(worker)
             if member.state == NodeState.SUSPECT:
                 suspects.add(member.name)
         departed = [event.member.name] if event is not None and event.kind == "leave" else []
         view.suspected = suspects
+        view.failed = failed
         view.update(workers, departed_gracefully=departed)
 
     membership.on_event(refresh)

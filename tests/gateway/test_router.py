@@ -146,6 +146,63 @@ class ClusterBackendTests(SynchronousTestCase):
         self.successResultOf(self.backend.purge(SPEC.url))
         self.assertEqual(sorted(self.workers.purged), [w.name for w in WORKERS])
 
+    def test_a_worker_that_missed_a_purge_serves_nothing_until_it_applied_it(self) -> None:
+        owner = self.order[0]
+        self.workers.behaviour[owner] = WorkerUnavailable(WORKERS[0], "timeout")
+        failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.assertEqual((failure.value.status, failure.value.retry_after), (503, 2))
+        self.assertIn("2 of 3 workers", failure.value.reason)
+        self.workers.behaviour[owner] = "hit"
+        self.assertEqual(self.served_by(), self.order[1])
+        # Replayed after the recheck time; then the owner serves again.
+        self.workers.purged.clear()
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        self.assertEqual(self.workers.purged, [owner])
+        self.assertEqual(self.backend.pending_purges, {})
+        self.assertEqual(self.served_by(), owner)
+
+    def test_a_replay_that_fails_is_tried_again(self) -> None:
+        owner = self.order[0]
+        self.workers.behaviour[owner] = WorkerUnavailable(WORKERS[0], "timeout")
+        self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        self.assertIn(owner, self.backend.pending_purges)
+        self.workers.behaviour[owner] = "miss"
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        self.assertEqual(self.backend.pending_purges, {})
+
+    def test_a_failed_worker_that_may_hold_the_source_is_purged_when_it_is_back(self) -> None:
+        # The owner crashed: membership lists it failed, its cache is on its disk.
+        owner = self.view.current.member(self.order[0])
+        alive = [w for w in WORKERS if w.name != owner.name]
+        self.view.update(alive)
+        self.view.failed = {owner.name: owner}
+        self.workers.behaviour[owner.name] = WorkerUnavailable(owner, "refused")
+        failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.assertEqual(failure.value.status, 503)
+        self.assertEqual(sorted(self.workers.purged), sorted(w.name for w in WORKERS))
+        # Back with its cache: the purge goes first, then requests.
+        self.workers.purged.clear()
+        self.workers.behaviour[owner.name] = "hit"
+        self.view.failed = {}
+        self.view.update(WORKERS)
+        self.assertEqual(self.workers.purged, [])  # not before the reactor turns
+        self.assertEqual(self.served_by(), self.order[1])
+        self.clock.advance(0)
+        self.assertEqual(self.workers.purged, [owner.name])
+        self.assertEqual(self.served_by(), owner.name)
+
+    def test_a_failed_worker_far_down_the_sources_order_does_not_hold_up_a_purge(self) -> None:
+        many = [WorkerRef(f"m{i}", f"127.0.1.{i}", 8080) for i in range(12)]
+        self.view.update(many)
+        ranked = self.view.preference(SPEC.source_key)
+        last = ranked[-1]
+        self.view.update([w for w in many if w != last])
+        self.view.failed = {last.name: last}
+        self.workers.behaviour[last.name] = WorkerUnavailable(last, "refused")
+        self.successResultOf(self.backend.purge(SPEC.url))
+        self.assertNotIn(last.name, self.workers.purged)
+
     def test_purge_with_no_reachable_worker_is_503(self) -> None:
         for worker in WORKERS:
             self.workers.behaviour[worker.name] = WorkerUnavailable(worker, "refused")

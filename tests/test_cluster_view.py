@@ -57,7 +57,8 @@ class WatchedMembership:
         return self._members
 
     def tags_of(self, member: Member) -> dict[str, str]:
-        return {"role": member.meta.decode(), "http": "8080"}
+        role, _, port = member.meta.decode().partition(":")
+        return {"role": role, "http": port or "8080"}
 
     def on_event(self, listener) -> None:
         self.listeners.append(listener)
@@ -83,3 +84,16 @@ class WatchWorkersTests(SynchronousTestCase):
         # A failed worker may come back with its cache; one that left said goodbye.
         self.assertEqual(list(view.failed), ["d"])
         self.assertEqual(view.failed["d"].host, "127.0.0.3")
+
+    def test_a_member_without_a_usable_http_port_is_no_worker(self) -> None:
+        # Anyone may gossip role=worker (a serf agent with tags): only a port counts.
+        membership = WatchedMembership([
+            ("ok", "worker:8080", NodeState.ALIVE),
+            ("high", "worker:99999", NodeState.ALIVE),
+            ("zero", "worker:0", NodeState.ALIVE),
+            ("word", "worker:http", NodeState.ALIVE),
+            ("sign", "worker:-1", NodeState.ALIVE),
+        ])
+        view = ClusterView()
+        watch_workers(membership, view)
+        self.assertEqual([w.name for w in view.current.workers], ["ok"])

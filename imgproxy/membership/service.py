@@ -521,9 +521,10 @@ def watch_workers(membership: MembershipService, view: Any) -> None:
         failed = {}
         for member in membership.members():
             tags = membership.tags_of(member)
-            if tags.get("role") != "worker" or not tags.get("http", "").isdigit():
+            port = tags.get("http", "")
+            if tags.get("role") != "worker" or not (port.isdigit() and 0 < int(port) < 65536):
                 continue
-            worker = WorkerRef(member.name, member.host, int(tags["http"]))
+            worker = WorkerRef(member.name, member.host, int(port))
             if member.state == NodeState.DEAD:
                 failed[member.name] = worker
             if member.state not in (NodeState.ALIVE, NodeState.SUSPECT):

@@ -24,6 +24,7 @@ from imgproxy.metrics import NodeMetrics
 from imgproxy.params import (
     KNOWN_PARAMETERS,
     TransformSpec,
+    check_source_url,
     decode_query,
     source_key_of,
     spec_from_values,
@@ -40,6 +41,8 @@ from imgproxy.worker.images import ImageService
 
 MAX_BODY_BYTES = 16 * 1024
 CREATED_HEADER = b"x-imgproxy-created"
+#: Set on a 403 for a request that failed the cluster authentication.
+AUTH_REFUSED_HEADER = b"x-imgproxy-auth-refused"
 INTERNAL_GET_PARAMETERS = (KNOWN_PARAMETERS - {"sig"}) | {"stale"}
 
 
@@ -101,6 +104,9 @@ class _Endpoint(JsonResource):
             self._clock.seconds(),
         )
         if refusal is not None:
+            # Marked, so a gateway tells this 403 (its own signature or clock is
+            # wrong: try another worker) from a source's 403 (the client's answer).
+            request.setHeader(AUTH_REFUSED_HEADER, b"1")
             raise ProxyError(403, refusal)
 
     def _fail(self, failure: Failure, request: Request) -> None:
@@ -191,6 +197,7 @@ class CacheEndpoint(_Endpoint):
             url = decode_query(raw_query_of(request), frozenset({"url"})).get("url")
             if not url:
                 raise ProxyError(400, "parameter 'url' is required")
+            check_source_url(url)
         except ProxyError as error:
             return write_error(request, error)
         self._images.purge_source(url)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from imgproxy.errors import ProxyError
-from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
+from imgproxy.gateway.client import DirectEndpoints, WorkerClient, WorkerUnavailable
 from imgproxy.params import TransformSpec
 from imgproxy.placement import WorkerRef
+from imgproxy.worker.internal import AUTH_REFUSED_HEADER
 
 WORKER = WorkerRef("w1", "127.0.0.9", 8080)
 SPEC = TransformSpec("http://origin.test/a.jpg", width=10)
@@ -78,6 +82,14 @@ class WorkerClientFailureTests(SynchronousTestCase):
             d = self.client(lambda c=code: succeed(Answered(c))).lookup(WORKER, SPEC)
             self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
 
+    def test_a_refused_signature_is_a_reason_to_fail_over_a_refused_source_is_not(self) -> None:
+        refused = Answered(403)
+        refused.headers = Headers({AUTH_REFUSED_HEADER: [b"1"]})
+        d = self.client(lambda: succeed(refused)).lookup(WORKER, SPEC)
+        self.failureResultOf(d, WorkerUnavailable)
+        d = self.client(lambda: succeed(Answered(403))).lookup(WORKER, SPEC)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 403)
+
     def test_a_server_error_is_a_reason_to_fail_over(self) -> None:
         d = self.client(lambda: succeed(Answered(500))).lookup(WORKER, SPEC)
         self.failureResultOf(d, WorkerUnavailable)
@@ -97,3 +109,24 @@ class WorkerClientFailureTests(SynchronousTestCase):
         self.assertNoResult(d)
         clock.advance(2.0)
         self.failureResultOf(d, WorkerUnavailable)
+
+
+class DirectEndpointTests(SynchronousTestCase):
+    """A worker's address is dialled as it is: no resolution, no happy-eyeballs delay."""
+
+    def endpoint(self, url: bytes):
+        return DirectEndpoints(MemoryReactorClock(), 2.0).endpointForURI(URI.fromBytes(url))
+
+    def test_an_ipv4_address_is_plain_tcp(self) -> None:
+        endpoint = self.endpoint(b"http://127.0.0.9:8080/v1/image")
+        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout),
+                         ("127.0.0.9", 8080, 2.0))
+
+    def test_an_ipv6_address_is_plain_tcp_too(self) -> None:
+        endpoint = self.endpoint(b"http://[fd00::9]:8080/v1/image")
+        self.assertIsInstance(endpoint, TCP6ClientEndpoint)
+        self.assertEqual(endpoint._host, "fd00::9")
+
+    def test_a_name_is_still_resolved(self) -> None:
+        self.assertIsInstance(self.endpoint(b"http://worker.test:8080/"), HostnameEndpoint)

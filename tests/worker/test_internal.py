@@ -10,14 +10,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from imgproxy.auth import RequestSigner
-from imgproxy.gateway.client import WorkerClient
+from imgproxy.errors import ProxyError
+from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec
 from imgproxy.placement import WorkerRef
 from imgproxy.worker.cache import DiskCache
 from imgproxy.worker.fetch import FetchedSource
 from imgproxy.worker.images import ImageService
-from imgproxy.worker.internal import internal_api
+from imgproxy.worker.internal import AUTH_REFUSED_HEADER, internal_api
 from imgproxy.worker.transform import TransformLimits
 from tests.worker.test_images import InlinePool, jpeg
 
@@ -104,10 +105,18 @@ class InternalApiTests(TestCase):
         response = yield self.http.get("http://worker.test/v1/image?url=" + URL)
         self.assertEqual(response.code, 403)
         self.assertIn("not signed", json.loads((yield response.content()))["error"])
+        self.assertTrue(response.headers.hasHeader(AUTH_REFUSED_HEADER))
+        # A gateway with another secret fails over: the client is not to blame.
         other = WorkerClient(self.clock, RequestSigner.from_secret(b"x" * 32), http=self.http)
-        with self.assertRaises(Exception) as caught:
+        with self.assertRaises(WorkerUnavailable) as caught:
             yield other.lookup(WORKER, TransformSpec(URL))
-        self.assertEqual(caught.exception.status, 403)
+        self.assertIn("authentication", caught.exception.why)
+
+    @inlineCallbacks
+    def test_a_purge_of_something_that_is_not_a_url_is_a_400(self):
+        with self.assertRaises(ProxyError) as caught:
+            yield self.client.purge(WORKER, "notaurl")
+        self.assertEqual(caught.exception.status, 400)
 
     @inlineCallbacks
     def test_replayed_request_is_403(self):

@@ -168,20 +168,27 @@ class ClusterBackend:
             targets.setdefault(worker.name, worker)
         for worker in self._failed_holders(source_key):
             targets.setdefault(worker.name, worker)
+        if not targets:
+            raise ProxyError(503, "no worker is alive to purge this image", retry_after=1)
         results = yield DeferredList(
             [self._client.purge(w, url) for w in targets.values()], consumeErrors=True
         )
         unreached = []
+        refused = False
         for worker, (ok, failure) in zip(targets.values(), results, strict=True):
             if ok:
                 continue
-            unreached.append(worker)
             if failure.check(WorkerUnavailable):
                 self._log.warn("purge not applied on {worker}: {why}", worker=worker.name,
                                why=failure.value.why)
+                unreached.append(worker)
+                self._remember_purge(worker.name, url)
             else:
-                self._log.failure("purge failed on {worker}", failure, worker=worker.name)
-            self._remember_purge(worker.name, url)
+                # An answer, not an outage: replaying it would only get the same one.
+                self._log.failure("purge refused by {worker}", failure, worker=worker.name)
+                refused = True
+        if refused:
+            raise ProxyError(502, "a worker refused to purge this image")
         if unreached:
             raise ProxyError(
                 503,
@@ -228,8 +235,13 @@ class ClusterBackend:
         )
         results = yield d
         del self._replays[name]
-        for url, (ok, _) in zip(urls, results, strict=True):
+        for url, (ok, failure) in zip(urls, results, strict=True):
             if ok:
+                pending.pop(url, None)
+            elif not failure.check(WorkerUnavailable):
+                # Refused, not unreachable: trying again would not change the answer,
+                # and holding the worker out of rotation for ever would be worse.
+                self._log.failure("replayed purge refused by {worker}", failure, worker=name)
                 pending.pop(url, None)
         if pending:
             self._schedule_replay(name, DOWN_RECHECK_SECONDS)

@@ -36,7 +36,7 @@ from imgproxy.worker import avif
 
 #: Formats this module reads and writes, by the name the contract uses.
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
-#: Output formats that keep an animated source animated (and PNG, an animated PNG's).
+#: Output formats that keep an animated source animated (PNG keeps only an animated PNG so).
 ANIMATED_OUTPUTS = frozenset({"webp", "gif", "avif"})
 #: An animation may decode at most this many times ``max_pixels``, all frames together.
 FRAME_PIXEL_BUDGET = 4
@@ -54,10 +54,10 @@ RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
 
 PNG_COMPRESS_LEVEL = 6
-# WebP keeps its play count in 16 bits (a GIF's 65535 repeats are one play more).
-_MAX_WEBP_PLAYS = 0xFFFF
 WEBP_METHOD = 4
 AVIF_SPEED = 8
+# WebP keeps its play count in 16 bits (a GIF's 65535 repeats are one play more).
+_MAX_WEBP_PLAYS = 0xFFFF
 
 _PILLOW_FORMATS = {
     "jpeg": "JPEG",

@@ -203,6 +203,27 @@ class ClusterBackendTests(SynchronousTestCase):
         self.successResultOf(self.backend.purge(SPEC.url))
         self.assertNotIn(last.name, self.workers.purged)
 
+    def test_a_worker_that_refuses_a_purge_is_a_502_and_not_held_out(self) -> None:
+        self.workers.behaviour[self.order[0]] = ProxyError(400, "bad url")
+        failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.assertEqual(failure.value.status, 502)
+        self.assertEqual(self.backend.pending_purges, {})
+        self.flushLoggedErrors(ProxyError)
+
+    def test_a_replay_refused_outright_is_dropped(self) -> None:
+        owner = self.order[0]
+        self.workers.behaviour[owner] = WorkerUnavailable(WORKERS[0], "timeout")
+        self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.workers.behaviour[owner] = ProxyError(400, "bad url")
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        self.assertEqual(self.backend.pending_purges, {})
+        self.flushLoggedErrors(ProxyError)
+
+    def test_purge_with_no_worker_at_all_is_503(self) -> None:
+        self.view.update([])
+        failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
+        self.assertEqual(failure.value.status, 503)
+
     def test_purge_with_no_reachable_worker_is_503(self) -> None:
         for worker in WORKERS:
             self.workers.behaviour[worker.name] = WorkerUnavailable(worker, "refused")

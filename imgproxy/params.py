@@ -244,13 +244,21 @@ def sign_query(raw_query: bytes, key: bytes) -> str:
     return hmac.new(key, signed_payload(raw_query), hashlib.sha256).hexdigest()
 
 
-def check_signature(raw_query: bytes, values: dict[str, str], key: bytes | None) -> None:
-    """Raise 403 unless ``sig`` is valid; a no-op when no signing key is set."""
+def check_signature(raw_query: bytes, key: bytes | None) -> None:
+    """Raise 403 unless ``sig`` is valid; a no-op when no signing key is set.
+
+    Read from the raw query, before anything else in it is decoded or checked:
+    an unauthenticated caller learns nothing from which of its parameters are
+    wrong, and gets a 403 whatever else it sent.
+    """
     if key is None:
         return
-    given = values.get("sig")
-    if not given:
+    signatures = [value for name, value in split_query(raw_query) if name == b"sig"]
+    if not signatures or not signatures[0]:
         raise ProxyError(403, "a signature ('sig') is required")
+    if len(signatures) > 1:
+        raise ProxyError(403, "the signature ('sig') is given more than once")
+    given = unquote_to_bytes(signatures[0]).decode("ascii", "replace")
     expected = sign_query(raw_query, key)
     if not hmac.compare_digest(given.lower().encode("ascii", "replace"), expected.encode()):
         raise ProxyError(403, "the signature ('sig') is not valid")
@@ -260,10 +268,8 @@ def parse_image_query(
     raw_query: bytes, accept: str | bytes | None, signing_key: bytes | None
 ) -> ImageRequest:
     """Parse the public ``GET /image`` query into an ``ImageRequest``."""
+    check_signature(raw_query, signing_key)
     values = decode_query(raw_query)
-    # The signature comes first: an unauthenticated caller learns nothing from
-    # which of its parameters are wrong.
-    check_signature(raw_query, values, signing_key)
     if "url" not in values:
         raise ProxyError(400, "parameter 'url' is required")
     spec_fields: dict[str, str | int | None] = {k: v for k, v in values.items() if k != "sig"}
@@ -279,10 +285,10 @@ def parse_image_query(
 
 def parse_purge_query(raw_query: bytes, signing_key: bytes | None) -> str:
     """Parse ``DELETE /image?url=...&sig=...``: the source URL, or 403/400."""
-    values = decode_query(raw_query)
     if signing_key is None:
         raise ProxyError(403, "purging requires a signing key to be configured")
-    check_signature(raw_query, values, signing_key)
+    check_signature(raw_query, signing_key)
+    values = decode_query(raw_query)
     extra = set(values) - {"url", "sig"}
     if extra:
         raise ProxyError(400, f"purge takes only 'url' and 'sig', not {sorted(extra)[0]!r}")

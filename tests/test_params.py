@@ -129,6 +129,11 @@ class AutoFormatTests(SynchronousTestCase):
 class SignatureTests(SynchronousTestCase):
     key = b"s3cret"
 
+    def assertRefused(self, query: str, status: int, key: bytes) -> None:
+        with self.assertRaises(ProxyError) as caught:
+            parse(query, key=key)
+        self.assertEqual(caught.exception.status, status)
+
     def signed(self, query: str) -> str:
         digest = hmac.new(self.key, query.encode(), hashlib.sha256).hexdigest()
         return f"{query}&sig={digest}"
@@ -151,6 +156,21 @@ class SignatureTests(SynchronousTestCase):
 
     def test_signature_ignored_without_a_key(self) -> None:
         self.assertEqual(parse(Q + "&sig=abc").spec.url, SOURCE)
+
+    def test_an_unsigned_request_is_403_whatever_else_is_wrong_with_it(self) -> None:
+        # Nothing of an unauthenticated query is judged: not even its names.
+        for query in ("bogus=1", Q + "&w=1&w=2", Q + "&fit=%ff", Q + "&w=0", ""):
+            with self.subTest(query=query):
+                self.assertRefused(query, 403, key=self.key)
+                with self.assertRaises(ProxyError) as caught:
+                    parse_purge_query(query.encode(), self.key)
+                self.assertEqual(caught.exception.status, 403)
+        # Once signed, what is wrong is a 400.
+        self.assertRefused(self.signed(Q + "&w=0"), 400, key=self.key)
+
+    def test_two_signatures_are_403(self) -> None:
+        signed = self.signed(Q)
+        self.assertRefused(signed + "&sig=" + signed.rpartition("=")[2], 403, key=self.key)
 
 
 class PurgeQueryTests(SynchronousTestCase):

@@ -58,6 +58,7 @@ WEBP_METHOD = 4
 AVIF_SPEED = 8
 # WebP keeps its play count in 16 bits (a GIF's 65535 repeats are one play more).
 _MAX_WEBP_PLAYS = 0xFFFF
+_WEBP_ALPHA_FLAG = 0x10
 
 _PILLOW_FORMATS = {
     "jpeg": "JPEG",
@@ -779,4 +780,24 @@ def _encode(
     first.save(buffer, _PILLOW_FORMATS[out_format], **options)
     if out_format == "avif" and len(outputs) > 1:
         return avif.finish_sequence(buffer.getvalue(), play_count)
+    if out_format == "webp" and len(outputs) > 1 and any(_translucent(f) for f in outputs):
+        return _mark_webp_alpha(buffer.getvalue())
     return buffer.getvalue()
+
+
+def _translucent(frame: Image.Image) -> bool:
+    return frame.mode == "RGBA" and frame.getextrema()[3][0] < 255
+
+
+def _mark_webp_alpha(data: bytes) -> bytes:
+    """An animated WebP with VP8X's alpha flag set.
+
+    libwebp's animation encoder crops each frame to what changed and sets the
+    flag only when a cropped frame has alpha; a sticker whose margin is
+    transparent in every frame then has none, and decoders show the margin
+    black.  The flag says the canvas may be transparent, which it is.
+    """
+    if data[12:16] != b"VP8X":
+        return data
+    flags = data[20] | _WEBP_ALPHA_FLAG
+    return data[:20] + bytes([flags]) + data[21:]

@@ -633,6 +633,23 @@ class AnimationTests(SynchronousTestCase):
             self.assertTrue(close(out.convert("RGB").getpixel((17, 12)), colour), index)
         self.assertEqual(seen, [40, 80, 120])
 
+    def test_a_transparent_margin_stays_transparent_in_an_animated_webp(self) -> None:
+        # Every frame transparent around an opaque middle: the encoder crops the
+        # margin away, and the file must still say the canvas has alpha.
+        frames = []
+        for colour in images.ANIMATION_COLOURS[:3]:
+            frame = Image.new("RGBA", (60, 60), (0, 0, 0, 0))
+            frame.paste(colour + (255,), (10, 10, 50, 50))
+            frames.append(frame)
+        source = images.encode(frames[0], "GIF", save_all=True, append_images=frames[1:],
+                               duration=100, loop=0, disposal=2)
+        out = images.decode(transform_image(source, spec(output_format="webp"), LIMITS).body)
+        for index in range(3):
+            out.seek(index)
+            rgba = out.convert("RGBA")
+            self.assertEqual(rgba.getpixel((2, 2))[3], 0, index)
+            self.assertEqual(rgba.getpixel((30, 30))[3], 255, index)
+
     def test_animated_webp_stays_animated(self) -> None:
         result = transform_image(images.animated_webp(4), spec(height=30), LIMITS)
         out = images.decode(result.body)

@@ -294,6 +294,28 @@ _JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD9)})
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    frame = _jpeg_frame(data)
+    return None if frame is None else (frame.width, frame.height)
+
+
+@attrs.frozen
+class _JpegFrame:
+    """A JPEG's frame header: its coding process (the SOF marker), sample precision, size."""
+
+    marker: int
+    precision: int
+    width: int
+    height: int
+
+
+# Coding processes: baseline, extended and progressive Huffman (what every JPEG in the
+# wild is), lossless Huffman (decoded, but only at full scale); arithmetic coding and
+# precisions other than 8 bits are not decoded by Pillow's libjpeg.
+_JPEG_DECODED = frozenset({0xC0, 0xC1, 0xC2, 0xC3})
+_JPEG_LOSSLESS = 0xC3
+
+
+def _jpeg_frame(data: bytes) -> _JpegFrame | None:
     position = 2
     while position + 9 <= len(data):
         if data[position] != 0xFF:
@@ -304,8 +326,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         elif marker in _JPEG_BARE:
             position += 2
         elif marker in _JPEG_SOF:
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            return width, height
+            precision, height, width = struct.unpack(">BHH", data[position + 4 : position + 9])
+            return _JpegFrame(marker, precision, width, height)
         elif marker == 0xDA:  # start of scan: no frame header before it
             return None
         else:
@@ -367,6 +389,8 @@ def _mapped_errors() -> Iterator[None]:
 
 
 def _open(data: bytes, fmt: str, limits: TransformLimits) -> tuple[Image.Image, SourceInfo]:
+    if fmt == "jpeg":
+        _check_jpeg_process(_jpeg_frame(data))
     header_size = _header_size(fmt, data)
     if header_size is not None:
         _check_pixels(*header_size, limits)
@@ -382,6 +406,17 @@ def _open(data: bytes, fmt: str, limits: TransformLimits) -> tuple[Image.Image, 
         format=fmt, width=width, height=height, frames=frames, content_type=CONTENT_TYPES[fmt]
     )
     return image, info
+
+
+def _check_jpeg_process(frame: _JpegFrame | None) -> None:
+    if frame is None:
+        return
+    if frame.marker not in _JPEG_DECODED:
+        raise ProxyError(415, "the source is an arithmetic-coded JPEG, which is not supported")
+    if frame.precision != 8:
+        raise ProxyError(
+            415, f"the source is a {frame.precision}-bit JPEG; only 8-bit JPEGs are supported"
+        )
 
 
 def probe_source(data: bytes, limits: TransformLimits) -> SourceInfo:
@@ -452,7 +487,10 @@ def _transform(
             out_format == "png"
             or (out_format == "gif" and not isinstance(image.info.get("transparency"), bytes))
         )
-        frames = [_render_still(image, info.format, stored, orientation, keep_palette)]
+        # libjpeg decodes a lossless JPEG at full scale only.
+        frame = _jpeg_frame(source) if info.format == "jpeg" else None
+        drafts = info.format == "jpeg" and (frame is None or frame.marker != _JPEG_LOSSLESS)
+        frames = [_render_still(image, drafts, stored, orientation, keep_palette)]
         durations, play_count = [], 1
     return geometry, _encode(frames, durations, play_count, out_format, spec.quality, icc_profile)
 
@@ -529,13 +567,13 @@ def _exif_orientation(exif: bytes) -> int:
 
 
 def _render_still(
-    image: Image.Image, fmt: str, stored: Geometry, orientation: int, keep_palette: bool
+    image: Image.Image, drafts: bool, stored: Geometry, orientation: int, keep_palette: bool
 ) -> Image.Image:
     if stored.is_identity and keep_palette:
         # Nothing to resample: the palette (and its transparency) stays exact.
         image.load()
         return _upright(image, orientation)
-    if fmt == "jpeg" and not stored.is_identity:
+    if drafts and not stored.is_identity:
         # Decode through the DCT at 1/2, 1/4 or 1/8 scale, to no less than
         # JPEG_DRAFT_FACTOR times what the resampling below needs.
         need_x = stored.source_width * stored.width / stored.crop_width

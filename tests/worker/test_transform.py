@@ -876,6 +876,35 @@ _FUZZ_SPECS = st.builds(
 )
 
 
+class JpegVariantTests(SynchronousTestCase):
+    """JPEG coding processes Pillow's libjpeg does not decode are a 415, not a "corrupt" 502."""
+
+    def with_frame_header(self, marker: int, precision: int) -> bytes:
+        source = bytearray(images.encode(images.photo(64, 48), "JPEG"))
+        start = source.index(b"\xff\xc0")
+        source[start + 1] = marker
+        source[start + 4] = precision
+        return bytes(source)
+
+    def test_arithmetic_coding_is_415(self) -> None:
+        for marker in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            with self.assertRaises(ProxyError) as caught:
+                transform_image(self.with_frame_header(marker, 8), spec(width=10), LIMITS)
+            self.assertEqual(caught.exception.status, 415, hex(marker))
+            self.assertIn("arithmetic", caught.exception.reason)
+
+    def test_more_than_8_bits_is_415(self) -> None:
+        for marker, precision in ((0xC1, 12), (0xC3, 16)):
+            with self.assertRaises(ProxyError) as caught:
+                probe_source(self.with_frame_header(marker, precision), LIMITS)
+            self.assertEqual(caught.exception.status, 415)
+            self.assertIn(f"{precision}-bit", caught.exception.reason)
+
+    def test_extended_huffman_8_bit_is_decoded(self) -> None:
+        result = transform_image(self.with_frame_header(0xC1, 8), spec(width=10), LIMITS)
+        self.assertEqual((result.width, result.height), (10, 8))
+
+
 class HostileInputTests(SynchronousTestCase):
     """Whatever the bytes, the only exception is a ProxyError."""
 

@@ -77,6 +77,11 @@ class ClusterBackend:
     def _membership_changed(self, view: ClusterView) -> None:
         # Membership says who is alive: a worker it lists gets another chance.
         alive = {w.name for w in view.current.workers}
+        for name in alive:
+            # A series from 0 as soon as the worker is known: a rate over the
+            # first requests then sees them rise (a series born at its first
+            # request would start at its count, and its rate would miss them).
+            self._per_worker.labels(name)
         for name in list(self.down):
             if name in alive and self._clock.seconds() - self.down[name] > DOWN_RECHECK_SECONDS:
                 del self.down[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -59,8 +60,9 @@ class ClusterBackendTests(SynchronousTestCase):
         self.view = ClusterView()
         self.view.update(WORKERS)
         self.workers = FakeWorkers()
+        self.metrics = NodeMetrics()
         self.backend = ClusterBackend(
-            self.view, self.workers, BoundedLoad(0.25), self.clock, NodeMetrics()
+            self.view, self.workers, BoundedLoad(0.25), self.clock, self.metrics
         )
         self.order = [w.name for w in self.view.preference(SPEC.source_key)]
 
@@ -112,6 +114,12 @@ class ClusterBackendTests(SynchronousTestCase):
             self.workers.behaviour[worker.name] = WorkerUnavailable(worker, "refused")
         failure = self.failureResultOf(self.backend.serve(SPEC), ProxyError)
         self.assertEqual(failure.value.status, 503)
+
+    def test_every_known_worker_has_a_request_count_from_zero(self) -> None:
+        newcomer = WorkerRef("w9", "127.0.0.99", 8080)
+        self.view.update([*WORKERS, newcomer])
+        text = generate_latest(self.metrics.registry).decode()
+        self.assertIn('imgproxy_gateway_worker_requests_total{worker="w9"} 0.0', text)
 
     def test_the_public_503_names_no_worker_address_or_exception(self) -> None:
         for worker in WORKERS:

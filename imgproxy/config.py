@@ -187,6 +187,8 @@ class Config:
     max_source_bytes: int = 32 << 20
     max_source_pixels: int = 50_000_000
     fetch_timeout: float = 10.0
+    fetch_concurrency: int = 16
+    fetch_queue: int = 256
     transform_threads: int = attrs.field(factory=lambda: os.cpu_count() or 2)
     transform_queue: int = 64
     max_frames: int = 200

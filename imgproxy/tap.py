@@ -60,6 +60,8 @@ class Options(usage.Options):
         ["max-source-bytes", None, "32M", "larger sources get 413"],
         ["max-source-pixels", None, "50000000", "sources with more pixels get 413"],
         ["fetch-timeout", None, "10s", "an origin slower than this gets 504"],
+        ["fetch-concurrency", None, "16", "source downloads at once; more wait"],
+        ["fetch-queue", None, "256", "source downloads that may wait before 503"],
         ["transform-threads", None, None, "image transform threads (default: the cores)"],
         ["transform-queue", None, "64", "transforms that may wait before 503"],
         ["max-frames", None, "200", "animation frames kept; longer animations get 413"],
@@ -89,6 +91,8 @@ class Options(usage.Options):
         "max-source-bytes": ["IMGPROXY_MAX_SOURCE_BYTES"],
         "max-source-pixels": ["IMGPROXY_MAX_SOURCE_PIXELS"],
         "fetch-timeout": ["IMGPROXY_FETCH_TIMEOUT"],
+        "fetch-concurrency": ["IMGPROXY_FETCH_CONCURRENCY"],
+        "fetch-queue": ["IMGPROXY_FETCH_QUEUE"],
         "transform-threads": ["IMGPROXY_TRANSFORM_THREADS"],
         "transform-queue": ["IMGPROXY_TRANSFORM_QUEUE"],
         "max-frames": ["IMGPROXY_MAX_FRAMES"],
@@ -167,6 +171,10 @@ class Options(usage.Options):
                 self["max-source-pixels"], "--max-source-pixels"
             ),
             fetch_timeout=parse_duration(self["fetch-timeout"], "--fetch-timeout"),
+            fetch_concurrency=parse_positive_int(
+                self["fetch-concurrency"], "--fetch-concurrency"
+            ),
+            fetch_queue=parse_positive_int(self["fetch-queue"], "--fetch-queue"),
             transform_queue=parse_positive_int(self["transform-queue"], "--transform-queue"),
             max_frames=parse_positive_int(self["max-frames"], "--max-frames"),
             membership_profile=profile,
@@ -392,7 +400,12 @@ def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiSer
     fetcher = SourceFetcher(
         reactor,
         AddressPolicy(config.allow_private_sources, config.allow_networks),
-        FetchLimits(max_bytes=config.max_source_bytes, timeout=config.fetch_timeout),
+        FetchLimits(
+            max_bytes=config.max_source_bytes,
+            timeout=config.fetch_timeout,
+            concurrency=config.fetch_concurrency,
+            queue=config.fetch_queue,
+        ),
     )
     LifecycleService("fetcher", on_stop=fetcher.close).setServiceParent(root)
     images = ImageService(
@@ -402,7 +415,7 @@ def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiSer
         TransformLimits(max_pixels=config.max_source_pixels, max_frames=config.max_frames),
         metrics,
     )
-    add_node_gauges(metrics, cache, pool)
+    add_node_gauges(metrics, cache, pool, fetcher)
     return images, cache
 
 
@@ -416,7 +429,7 @@ def cache_status(cache: Any) -> dict[str, Any]:
     }
 
 
-def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
+def add_node_gauges(metrics: Any, cache: Any, pool: Any, fetcher: Any) -> None:
     from imgproxy.metrics import counter, gauge
 
     def read() -> list[Any]:
@@ -437,6 +450,10 @@ def add_node_gauges(metrics: Any, cache: Any, pool: Any) -> None:
             gauge("imgproxy_transforms_in_progress", "Transforms running or waiting",
                   pool.in_progress),
             counter("imgproxy_transforms_refused", "Transforms refused with 503", pool.refused),
+            gauge("imgproxy_source_downloads", "Source downloads in progress",
+                  fetcher.downloading),
+            gauge("imgproxy_source_downloads_waiting", "Source downloads waiting for a turn",
+                  fetcher.waiting),
         ]
 
     metrics.add_gauges(read)

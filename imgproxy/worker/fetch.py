@@ -15,6 +15,7 @@ origin says so, 413 for too many bytes, 504 for too slow, 502 for the rest.
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
@@ -76,8 +77,12 @@ class FetchLimits:
     """How much a single source download may cost."""
 
     max_bytes: int = 32 << 20
-    timeout: float = 10.0  # total, connect included
+    timeout: float = 10.0  # total, connect and any wait for a turn included
     max_redirects: int = 5
+    #: Downloads in progress at once: each may hold up to ``max_bytes`` in memory.
+    concurrency: int = 16
+    #: Downloads that may wait for a turn; more are refused with 503.
+    queue: int = 256
 
 
 @attrs.frozen
@@ -434,6 +439,38 @@ class SourceFetcher:
         # IPv6 literal host, and its gzip decoding, cookie jar and redirect
         # following are all things a proxy fetching for strangers must not do.
         self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+        self.downloading = 0
+        self._waiting: deque[Deferred[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Downloads waiting for a turn."""
+        return len(self._waiting)
+
+    def _turn(self) -> Deferred[None]:
+        # Without a bound, anyone pointing many requests at a slow origin of
+        # their own would make this process hold max_bytes per request.
+        if self.downloading < self._limits.concurrency:
+            self.downloading += 1
+            return succeed(None)
+        if len(self._waiting) >= self._limits.queue:
+            raise ProxyError(503, "too many source downloads in progress", retry_after=1)
+        waiter: Deferred[None] = Deferred(canceller=self._waiting.remove)
+        self._waiting.append(waiter)
+        return waiter
+
+    def _done(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().callback(None)  # the turn passes on
+        else:
+            self.downloading -= 1
+
+    async def _fetch_in_turn(self, url: str) -> FetchedSource:
+        await self._turn()
+        try:
+            return await self._fetch(url)
+        finally:
+            self._done()
 
     def close(self) -> Deferred[None]:
         """Close the pooled connections to origins."""
@@ -446,7 +483,7 @@ class SourceFetcher:
         Deferred yourself fails it with ``CancelledError`` as usual.
         """
         timed_out = False
-        d = Deferred.fromCoroutine(self._fetch(url))
+        d = Deferred.fromCoroutine(self._fetch_in_turn(url))
 
         def expire() -> None:
             nonlocal timed_out

@@ -444,8 +444,10 @@ class TLSTests(LiveFetchTestCase):
         self.assertEqual(origin.hits["/a"], 0)
 
 
-class ClockedFetchTests(SynchronousTestCase):
+class ClockedOrigin:
     """Fetcher and origin on one MemoryReactorClock: no wall time, no real sockets."""
+
+    limits = FetchLimits(max_bytes=1 << 20, timeout=10.0)
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -459,10 +461,7 @@ class ClockedFetchTests(SynchronousTestCase):
             hang=["hang.test"],
         )
         self.fetcher = SourceFetcher(
-            self.reactor,
-            ONLY_127_0_0_5,
-            FetchLimits(max_bytes=1 << 20, timeout=10.0),
-            resolver=self.resolver,
+            self.reactor, ONLY_127_0_0_5, self.limits, resolver=self.resolver
         )
 
     def connect(self) -> IOPump:
@@ -472,10 +471,12 @@ class ClockedFetchTests(SynchronousTestCase):
         return pump
 
     def proxy_error(self, d: Deferred[Any]) -> ProxyError:
-        failure: Failure = self.failureResultOf(d, ProxyError)
+        failure: Failure = self.failureResultOf(d, ProxyError)  # type: ignore[attr-defined]
         assert isinstance(failure.value, ProxyError)
         return failure.value
 
+
+class ClockedFetchTests(ClockedOrigin, SynchronousTestCase):
     def test_a_fetch_completes_on_the_memory_reactor(self) -> None:
         self.origin.add("/a", PNG, "image/png")
         d = self.fetcher.fetch("http://origin.test:8080/a")
@@ -571,6 +572,49 @@ class ClockedFetchTests(SynchronousTestCase):
         d = self.fetcher.fetch("http://origin.test:8080/a")
         d.cancel()
         self.failureResultOf(d, CancelledError)
+
+
+class DownloadTurnTests(ClockedOrigin, SynchronousTestCase):
+    """At most ``concurrency`` downloads at once, ``queue`` more waiting, then 503."""
+
+    limits = FetchLimits(max_bytes=1 << 20, timeout=10.0, concurrency=2, queue=1)
+
+    def test_past_the_queue_is_503_at_once(self) -> None:
+        running = [self.fetcher.fetch("http://hang.test/a") for _ in range(2)]
+        waiting = self.fetcher.fetch("http://origin.test:8080/a")
+        self.assertEqual((self.fetcher.downloading, self.fetcher.waiting), (2, 1))
+        refused = self.proxy_error(self.fetcher.fetch("http://origin.test:8080/b"))
+        self.assertEqual((refused.status, refused.retry_after), (503, 1))
+        self.assertEqual(self.resolver.lookups, ["hang.test", "hang.test"])
+        for d in [*running, waiting]:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.assertEqual((self.fetcher.downloading, self.fetcher.waiting), (0, 0))
+
+    def test_a_finished_download_hands_its_turn_to_the_next(self) -> None:
+        self.origin.add("/a", PNG)
+        self.origin.add("/b", PNG)
+        first = self.fetcher.fetch("http://origin.test:8080/a")
+        hanging = self.fetcher.fetch("http://hang.test/x")
+        self.addCleanup(lambda: self.failureResultOf(hanging.cancel() or hanging))
+        third = self.fetcher.fetch("http://origin.test:8080/b")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertNoResult(third)
+        pump = self.connect()
+        self.assertEqual(self.successResultOf(first).body, PNG)
+        # The waiting download ran in the turn the first one gave back (over the
+        # connection the first one returned to the pool).
+        pump.flush()
+        self.assertEqual(self.successResultOf(third).body, PNG)
+        self.assertEqual((self.fetcher.downloading, self.fetcher.waiting), (1, 0))
+
+    def test_the_wait_counts_toward_the_timeout(self) -> None:
+        running = [self.fetcher.fetch("http://hang.test/a") for _ in range(2)]
+        waiting = self.fetcher.fetch("http://origin.test:8080/a")
+        self.reactor.advance(10)
+        for d in [*running, waiting]:
+            self.assertEqual(self.proxy_error(d).status, 504)
+        self.assertEqual((self.fetcher.downloading, self.fetcher.waiting), (0, 0))
 
 
 class RequestURLTests(SynchronousTestCase):

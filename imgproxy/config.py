@@ -182,6 +182,8 @@ class Config:
     cache_max_bytes: int = 1 << 30
     cache_ttl: float = 7 * 86400.0
     signing_key: bytes | None = None
+    #: Signs DELETE /image instead of the signing key when set (see ImageResource).
+    purge_key: bytes | None = None
     allow_private_sources: bool = False
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_source_bytes: int = 32 << 20

@@ -56,6 +56,7 @@ class Options(usage.Options):
         ["cache-max-bytes", None, "1G", "cache size cap (K, M, G)"],
         ["cache-ttl", None, "7d", "age after which an entry is stale (s, m, h, d)"],
         ["signing-key", None, None, "when set, /image requires a valid sig"],
+        ["purge-key", None, None, "when set, DELETE /image is signed with it, not the signing key"],
         ["allow-networks", None, None, "comma-separated CIDRs origins may be on anyway"],
         ["max-source-bytes", None, "32M", "larger sources get 413"],
         ["max-source-pixels", None, "50000000", "sources with more pixels get 413"],
@@ -86,6 +87,7 @@ class Options(usage.Options):
         "cache-max-bytes": ["IMGPROXY_CACHE_MAX_BYTES"],
         "cache-ttl": ["IMGPROXY_CACHE_TTL"],
         "signing-key": ["IMGPROXY_SIGNING_KEY"],
+        "purge-key": ["IMGPROXY_PURGE_KEY"],
         "allow-private-sources": ["IMGPROXY_ALLOW_PRIVATE_SOURCES"],
         "allow-networks": ["IMGPROXY_ALLOW_NETWORKS"],
         "max-source-bytes": ["IMGPROXY_MAX_SOURCE_BYTES"],
@@ -164,6 +166,7 @@ class Options(usage.Options):
             cache_max_bytes=parse_size(self["cache-max-bytes"], "--cache-max-bytes"),
             cache_ttl=parse_duration(self["cache-ttl"], "--cache-ttl"),
             signing_key=signing_key.encode("utf-8") if signing_key else None,
+            purge_key=self["purge-key"].encode("utf-8") if self["purge-key"] else None,
             allow_private_sources=bool(self["allow-private-sources"]),
             allow_networks=parse_networks(self["allow-networks"]),
             max_source_bytes=parse_size(self["max-source-bytes"], "--max-source-bytes"),
@@ -272,7 +275,11 @@ def build_node(config: Config, reactor: Any) -> MultiService:
         children[b"v1"] = internal_api(images, signer, reactor, metrics)
     if backend is not None:
         children[b"image"] = ImageResource(
-            backend, metrics, config.signing_key, int(config.cache_ttl)
+            backend,
+            metrics,
+            config.signing_key,
+            int(config.cache_ttl),
+            purge_key=config.purge_key,
         )
 
     me = {

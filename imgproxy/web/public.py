@@ -130,11 +130,16 @@ class ImageResource(JsonResource):
         signing_key: bytes | None,
         max_age: int,
         timer: Callable[[], float] = time.perf_counter,
+        purge_key: bytes | None = None,
     ) -> None:
+        """``purge_key``: signs DELETE instead of ``signing_key``. With one key for
+        both, as the contract has it by default, any signed URL of an image that
+        has only a ``url`` parameter is also a valid purge of that image."""
         super().__init__()
         self._backend = backend
         self._metrics = metrics
         self._signing_key = signing_key
+        self._purge_key = purge_key if purge_key is not None else signing_key
         self._cache_control = f"public, max-age={max_age}".encode("ascii")
         self._timer = timer
         self._parsed: dict[tuple[bytes, bytes | None], ImageRequest] = {}
@@ -224,7 +229,7 @@ class ImageResource(JsonResource):
 
     def render_DELETE(self, request: Request) -> bytes | int:
         try:
-            url = parse_purge_query(raw_query_of(request), self._signing_key)
+            url = parse_purge_query(raw_query_of(request), self._purge_key)
         except ProxyError as error:
             self._metrics.count_request("purge", error.status)
             return write_error(request, error)

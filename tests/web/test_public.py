@@ -233,3 +233,32 @@ class SignedImageResourceTests(ImageResourceTests):
         self.assertEqual(self.backend.purged, [SOURCE])
         response = yield self.http.delete(BASE + "&sig=00")
         self.assertEqual(response.code, 403)
+
+
+class PurgeKeyTests(TestCase):
+    """With --purge-key, a purge is signed with it: an image's signed URL purges nothing."""
+
+    def setUp(self) -> None:
+        self.backend = MemoryBackend()
+        resource = ImageResource(self.backend, NodeMetrics(), b"signing", 3600, purge_key=b"purge")
+        self.http = StubTreq(NodeRoot({b"image": resource}))
+
+    def signed(self, key: bytes) -> str:
+        query = BASE.partition("?")[2]
+        return f"{BASE}&sig={sign_query(query.encode(), key)}"
+
+    @inlineCallbacks
+    def test_the_signing_key_serves_but_does_not_purge(self):
+        response = yield self.http.get(self.signed(b"signing"))
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        response = yield self.http.delete(self.signed(b"signing"))
+        self.assertEqual(response.code, 403)
+        yield response.content()
+        self.assertEqual(self.backend.purged, [])
+
+    @inlineCallbacks
+    def test_the_purge_key_purges(self):
+        response = yield self.http.delete(self.signed(b"purge"))
+        self.assertEqual(response.code, 204)
+        self.assertEqual(self.backend.purged, [SOURCE])

@@ -42,6 +42,7 @@ def write_error(request: Request, error: ProxyError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
     body = error.json_body()

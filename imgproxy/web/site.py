@@ -92,7 +92,8 @@ def raw_json_response(status: int, phrase: bytes, reason: str) -> bytes:
     body = error_body(status, reason)
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"cache-control: no-store\r\nconnection: close\r\n\r\n%s"
+        b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
+        b"connection: close\r\n\r\n%s"
         % (status, phrase, len(body), body)
     )
 

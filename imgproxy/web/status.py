@@ -150,7 +150,7 @@ class StatusPage(JsonResource):
         request.setHeader(
             b"content-security-policy",
             b"default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-            b"connect-src 'self'; img-src 'self' data:",
+            b"connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
         )
         return render_page(self._describe()).encode("utf-8")
 

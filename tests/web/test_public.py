@@ -90,6 +90,7 @@ class ImageResourceTests(TestCase):
         body = yield response.content()
         self.assertEqual(response.code, status)
         self.assertEqual(self.header(response, "content-type"), "application/json")
+        self.assertEqual(self.header(response, "x-content-type-options"), "nosniff")
         payload = json.loads(body)
         self.assertEqual(payload["status"], status)
         self.assertIsInstance(payload["error"], str)

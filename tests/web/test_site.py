@@ -105,6 +105,7 @@ class ProtocolErrorTests(WireExchange):
         response = self.exchange(b"GARBAGE\r\n\r\n")
         self.assertJsonStatus(response, 400)
         self.assertIn(b"\r\ncache-control: no-store\r\n", response)
+        self.assertIn(b"\r\nx-content-type-options: nosniff\r\n", response)
 
     def test_overlong_request_line_is_json_431(self) -> None:
         self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 431)
@@ -167,3 +168,21 @@ class RoutingTests(WireExchange):
         }
         for target, expected in cases.items():
             self.assertEqual(origin_form(target), expected, target)
+
+
+class StatusPageHeaderTests(WireExchange):
+    def test_the_status_page_may_not_be_framed_or_load_anything_foreign(self) -> None:
+        from imgproxy.web.status import StatusPage
+
+        status = {
+            "node": {"name": "n1", "role": "standalone", "address": "127.0.0.1"},
+            "members": [],
+            "key_shares": {"n1": 1.0},
+            "cache": {},
+        }
+        response = self.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                                 NodeRoot({}, index=StatusPage(lambda: status)))
+        head = response.partition(b"\r\n\r\n")[0].lower()
+        self.assertTrue(head.startswith(b"http/1.1 200"), head)
+        self.assertIn(b"frame-ancestors 'none'", head)
+        self.assertIn(b"default-src 'none'", head)

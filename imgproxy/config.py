@@ -205,3 +205,15 @@ class Config:
     def runs_membership(self) -> bool:
         """Gateways and workers always gossip; standalone only when asked to."""
         return self.role != "standalone" or bool(self.join) or self.gossip_port_given
+
+
+def configuration_warnings(config: Config) -> list[str]:
+    """What an operator should hear at start-up about a risky but valid configuration."""
+    warnings = []
+    if config.runs_membership and config.cluster_secret is None:
+        warnings.append(
+            "no --cluster-secret: gossip is not encrypted, and anyone who can reach a "
+            "worker's HTTP port may use its internal API (fetch, render and purge images, "
+            "whatever --signing-key says)"
+        )
+    return warnings

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from imgproxy.config import (
@@ -19,6 +20,7 @@ from imgproxy.config import (
     ROLES,
     Config,
     ConfigError,
+    configuration_warnings,
     default_advertise_address,
     http_endpoint,
     http_port_of,
@@ -29,6 +31,8 @@ from imgproxy.config import (
     parse_seeds,
     parse_size,
 )
+
+_log = Logger()
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -234,6 +238,8 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     )
     from imgproxy.web.status import StatusPage, status_document
 
+    for warning in configuration_warnings(config):
+        _log.warn("{warning}", warning=warning)
     root = SequentialService()
     metrics = NodeMetrics()
     advertise = config.advertise or default_advertise_address(config.bind)

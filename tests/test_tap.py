@@ -8,7 +8,13 @@ import ipaddress
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgproxy.config import ConfigError, parse_duration, parse_seeds, parse_size
+from imgproxy.config import (
+    ConfigError,
+    configuration_warnings,
+    parse_duration,
+    parse_seeds,
+    parse_size,
+)
 from imgproxy.tap import Options
 
 KEY16 = base64.b64encode(b"0123456789abcdef").decode()
@@ -73,6 +79,16 @@ class FlagTests(SynchronousTestCase):
                      ["--max-source-pixels", "-5"], ["--node-name", " "]):
             with self.subTest(argv=argv), self.assertRaises(usage.UsageError):
                 options(argv)
+
+    def test_a_cluster_role_without_a_secret_is_warned_about(self) -> None:
+        for role in ("gateway", "worker"):
+            [warning] = configuration_warnings(options(["--role", role]).config)
+            self.assertIn("--cluster-secret", warning)
+            self.assertEqual(
+                configuration_warnings(options(["--role", role, "--cluster-secret", KEY16]).config),
+                [],
+            )
+        self.assertEqual(configuration_warnings(options([]).config), [])
 
     def test_cluster_roles_run_membership(self) -> None:
         for role in ("gateway", "worker"):

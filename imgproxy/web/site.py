@@ -80,6 +80,9 @@ class NodeRoot(Resource):
 
 
 MAX_REQUEST_BODY = 64 * 1024
+#: How long a request's head may take from its first byte (Twisted's idle timeout
+#: restarts with every byte).
+REQUEST_HEAD_SECONDS = 30.0
 #: The longest request line (and line plus headers) a public listener reads.
 MAX_REQUEST_HEAD = 16 * 1024
 #: A worker's: a gateway re-encodes the URL it was given, which may grow it up to
@@ -179,6 +182,44 @@ class NodeChannel(HTTPChannel):
     MAX_LENGTH = MAX_REQUEST_HEAD
     totalHeadersSize = MAX_REQUEST_HEAD
 
+    # Twisted's idle timeout starts again with every byte: a client sending one
+    # byte every few seconds would hold a connection for ever. A request's head,
+    # from its first byte, has REQUEST_HEAD_SECONDS in all (nginx's
+    # client_header_timeout); a client that goes silent meets the idle timeout.
+    # Checked as bytes arrive: no timer per request on the hit path.
+    _head_started: float | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode:
+            now = self.site.clock.seconds()
+            if self._head_started is None:
+                self._head_started = now
+            elif now - self._head_started >= REQUEST_HEAD_SECONDS:
+                self._head_too_slow()
+                return
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._head_started = None
+        super().allHeadersReceived()
+
+    def _head_too_slow(self) -> None:
+        self.transport.write(
+            raw_json_response(408, b"Request Timeout", "the request head took too long")
+        )
+        self.loseConnection()
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding" and (
+            value.strip(b" \t").lower() != b"chunked"
+        ):
+            # Twisted reads an "identity" body until the connection closes, and
+            # with it any request behind it: RFC 9112 6.1 leaves chunked alone.
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return bool(super().headerReceived(line))
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.transport.write(raw_json_response(400, b"Bad Request", "malformed HTTP request"))
         self.loseConnection()
@@ -224,6 +265,10 @@ class NodeSite(Site):
         self._pending: list[tuple[str, str, str, int, int]] = []
         self._flush_call: IDelayedCall | None = None
         self._max_request_head = max_request_head
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self._clock
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -12,6 +12,7 @@ from twisted.web.resource import Resource
 
 from imgproxy.web.site import (
     MAX_REQUEST_HEAD,
+    REQUEST_HEAD_SECONDS,
     WORKER_REQUEST_HEAD,
     JsonDocument,
     NodeRoot,
@@ -186,3 +187,47 @@ class StatusPageHeaderTests(WireExchange):
         self.assertTrue(head.startswith(b"http/1.1 200"), head)
         self.assertIn(b"frame-ancestors 'none'", head)
         self.assertIn(b"default-src 'none'", head)
+
+
+class RequestHeadDeadlineTests(SynchronousTestCase):
+    """A request's head has REQUEST_HEAD_SECONDS from its first byte, however it trickles."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        self.clock = Clock()
+        site = NodeSite(NodeRoot({b"health": JsonDocument(lambda: {"ok": True})}), self.clock)
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.channel.connectionLost, None)
+
+    def test_a_head_sent_a_byte_a_second_is_cut_at_the_deadline(self) -> None:
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        for second, byte in enumerate(head[: int(REQUEST_HEAD_SECONDS)]):
+            self.channel.dataReceived(bytes([byte]))
+            self.assertEqual(self.transport.value(), b"", second)
+            self.clock.advance(1)
+        self.channel.dataReceived(b"a")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertIn(b'"status": 408', self.transport.value())
+
+    def test_a_prompt_request_and_an_idle_keep_alive_are_left_alone(self) -> None:
+        self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.transport.clear()
+        self.clock.advance(REQUEST_HEAD_SECONDS * 1.5)  # idle between requests: no head yet
+        self.assertEqual(self.transport.value(), b"")
+        self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+
+
+class TransferEncodingTests(WireExchange):
+    def test_only_chunked_is_a_transfer_coding_a_request_may_use(self) -> None:
+        for coding in (b"identity", b"gzip", b"chunked, identity", b"x"):
+            response = self.exchange(
+                b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding
+                + b"\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            self.assertTrue(response.startswith(b"HTTP/1.1 400 "), (coding, response[:60]))
+            self.assertEqual(response.count(b"HTTP/1.1"), 1, coding)

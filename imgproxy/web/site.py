@@ -188,6 +188,7 @@ class NodeChannel(HTTPChannel):
     # client_header_timeout); a client that goes silent meets the idle timeout.
     # Checked as bytes arrive: no timer per request on the hit path.
     _head_started: float | None = None
+    _head_timed_out = False
 
     def dataReceived(self, data: bytes) -> None:
         if self.line_mode:
@@ -195,7 +196,8 @@ class NodeChannel(HTTPChannel):
             if self._head_started is None:
                 self._head_started = now
             elif now - self._head_started >= REQUEST_HEAD_SECONDS:
-                self._head_too_slow()
+                if not self._head_timed_out:
+                    self._head_too_slow()
                 return
         super().dataReceived(data)
 
@@ -204,6 +206,7 @@ class NodeChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def _head_too_slow(self) -> None:
+        self._head_timed_out = True  # once: what else arrives is dropped with the connection
         self.transport.write(
             raw_json_response(408, b"Request Timeout", "the request head took too long")
         )

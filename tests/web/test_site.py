@@ -210,6 +210,9 @@ class RequestHeadDeadlineTests(SynchronousTestCase):
             self.clock.advance(1)
         self.channel.dataReceived(b"a")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+        self.channel.dataReceived(b"more\r\n\r\n")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1"), 1)
+        self.assertTrue(self.transport.disconnecting)
         self.assertIn(b'"status": 408', self.transport.value())
 
     def test_a_prompt_request_and_an_idle_keep_alive_are_left_alone(self) -> None:

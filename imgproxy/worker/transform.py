@@ -24,6 +24,7 @@ from PIL import (
     GifImagePlugin,  # noqa: F401
     Image,
     ImageCms,
+    ImageMath,
     ImageSequence,
     JpegImagePlugin,  # noqa: F401
     PngImagePlugin,  # noqa: F401
@@ -629,7 +630,15 @@ def _working_mode(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # 16-bit samples to 8: scale, as convert("L") would clip at 255.
-        return image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        samples = image.convert("I")
+        grey = samples.point(lambda v: v * (1 / 256)).convert("L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            # The transparent value is one 16-bit sample: matched before scaling,
+            # or the 255 others that share its top byte would vanish with it.
+            alpha = ImageMath.lambda_eval(lambda a: abs(a["s"] - key) * 255, s=samples)
+            return Image.merge("LA", (grey, alpha.convert("L")))
+        return grey
     if mode == "1":
         return image.convert("L")
     if mode == "La":

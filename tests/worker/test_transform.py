@@ -506,6 +506,19 @@ class ColourTests(SynchronousTestCase):
         self.assertTrue(close(out.convert("RGB").getpixel((20, 15)), self.P3_RED, 6))
 
 
+class SixteenBitTests(SynchronousTestCase):
+    def test_a_16_bit_grey_transparent_value_is_one_sample_not_256(self) -> None:
+        ramp = Image.new("I;16", (256, 1))
+        ramp.putdata([i * 257 for i in range(256)])
+        source = images.encode(ramp, "PNG", transparency=100 * 257)
+        out = images.decode(transform_image(source, spec(output_format="png"), LIMITS).body)
+        alpha = [out.convert("LA").getpixel((x, 0))[1] for x in range(256)]
+        self.assertEqual([x for x, a in enumerate(alpha) if a == 0], [100])
+        # As JPEG, the transparent sample is flattened on white, like any alpha.
+        out = images.decode(transform_image(source, spec(output_format="jpeg"), LIMITS).body)
+        self.assertGreater(out.convert("L").getpixel((100, 0)), 200)
+
+
 class GifTransparencyTests(SynchronousTestCase):
     def test_gif_alpha_is_cut_at_half(self) -> None:
         # GIF has one transparent index: what was mostly transparent must not

@@ -80,9 +80,9 @@ class NodeRoot(Resource):
 
 
 MAX_REQUEST_BODY = 64 * 1024
-#: How long a request's head may take from its first byte (Twisted's idle timeout
-#: restarts with every byte).
-REQUEST_HEAD_SECONDS = 30.0
+#: How long a request, head and body, may take to arrive from its first byte
+#: (Twisted's idle timeout restarts with every byte).
+REQUEST_SECONDS = 30.0
 #: The longest request line (and line plus headers) a public listener reads.
 MAX_REQUEST_HEAD = 16 * 1024
 #: A worker's: a gateway re-encodes the URL it was given, which may grow it up to
@@ -183,32 +183,31 @@ class NodeChannel(HTTPChannel):
     totalHeadersSize = MAX_REQUEST_HEAD
 
     # Twisted's idle timeout starts again with every byte: a client sending one
-    # byte every few seconds would hold a connection for ever. A request's head,
-    # from its first byte, has REQUEST_HEAD_SECONDS in all (nginx's
-    # client_header_timeout); a client that goes silent meets the idle timeout.
-    # Checked as bytes arrive: no timer per request on the hit path.
-    _head_started: float | None = None
-    _head_timed_out = False
+    # byte every few seconds would hold a connection for ever. A request, head
+    # and body (at most MAX_REQUEST_BODY), has REQUEST_SECONDS from its first
+    # byte (nginx's client_header_timeout); a client that goes silent meets the
+    # idle timeout. Checked as bytes arrive: no timer per request on the hit path.
+    _request_started: float | None = None
+    _timed_out = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self.line_mode:
-            now = self.site.clock.seconds()
-            if self._head_started is None:
-                self._head_started = now
-            elif now - self._head_started >= REQUEST_HEAD_SECONDS:
-                if not self._head_timed_out:
-                    self._head_too_slow()
-                return
+        now = self.site.clock.seconds()
+        if self._request_started is None:
+            self._request_started = now
+        elif now - self._request_started >= REQUEST_SECONDS:
+            if not self._timed_out:
+                self._too_slow()
+            return
         super().dataReceived(data)
 
-    def allHeadersReceived(self) -> None:
-        self._head_started = None
-        super().allHeadersReceived()
+    def allContentReceived(self) -> None:
+        self._request_started = None
+        super().allContentReceived()
 
-    def _head_too_slow(self) -> None:
-        self._head_timed_out = True  # once: what else arrives is dropped with the connection
+    def _too_slow(self) -> None:
+        self._timed_out = True  # once: what else arrives is dropped with the connection
         self.transport.write(
-            raw_json_response(408, b"Request Timeout", "the request head took too long")
+            raw_json_response(408, b"Request Timeout", "the request took too long to arrive")
         )
         self.loseConnection()
 

@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 
 from imgproxy.web.site import (
     MAX_REQUEST_HEAD,
-    REQUEST_HEAD_SECONDS,
+    REQUEST_SECONDS,
     WORKER_REQUEST_HEAD,
     JsonDocument,
     NodeRoot,
@@ -189,8 +189,8 @@ class StatusPageHeaderTests(WireExchange):
         self.assertIn(b"default-src 'none'", head)
 
 
-class RequestHeadDeadlineTests(SynchronousTestCase):
-    """A request's head has REQUEST_HEAD_SECONDS from its first byte, however it trickles."""
+class RequestDeadlineTests(SynchronousTestCase):
+    """A request has REQUEST_SECONDS from its first byte, however it trickles."""
 
     def setUp(self) -> None:
         from twisted.internet.testing import StringTransport
@@ -204,7 +204,7 @@ class RequestHeadDeadlineTests(SynchronousTestCase):
 
     def test_a_head_sent_a_byte_a_second_is_cut_at_the_deadline(self) -> None:
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
-        for second, byte in enumerate(head[: int(REQUEST_HEAD_SECONDS)]):
+        for second, byte in enumerate(head[: int(REQUEST_SECONDS)]):
             self.channel.dataReceived(bytes([byte]))
             self.assertEqual(self.transport.value(), b"", second)
             self.clock.advance(1)
@@ -215,11 +215,23 @@ class RequestHeadDeadlineTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertIn(b'"status": 408', self.transport.value())
 
+    def test_a_body_sent_a_byte_a_second_is_cut_at_the_deadline_too(self) -> None:
+        self.channel.dataReceived(
+            b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        )
+        for second in range(int(REQUEST_SECONDS)):
+            self.clock.advance(1)
+            if second < REQUEST_SECONDS - 1:
+                self.channel.dataReceived(b"b")
+                self.assertEqual(self.transport.value(), b"", second)
+        self.channel.dataReceived(b"b")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+
     def test_a_prompt_request_and_an_idle_keep_alive_are_left_alone(self) -> None:
         self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
         self.transport.clear()
-        self.clock.advance(REQUEST_HEAD_SECONDS * 1.5)  # idle between requests: no head yet
+        self.clock.advance(REQUEST_SECONDS * 1.5)  # idle between requests: no head yet
         self.assertEqual(self.transport.value(), b"")
         self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))

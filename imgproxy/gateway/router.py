@@ -25,6 +25,11 @@ DOWN_RECHECK_SECONDS = 2.0
 PURGE_HOLDER_RANKS = 3
 #: Purges one gateway keeps, per worker, to replay when the worker is back.
 MAX_PENDING_PURGES = 10_000
+#: The latest purges a gateway remembers, to replay to any worker that joins: one
+#: that was away longer than membership lists the failed may hold any of them.
+RECENT_PURGES = 1_000
+#: Replayed purges in flight to one worker at a time.
+REPLAY_CONCURRENCY = 8
 
 
 class ClusterBackend:
@@ -55,6 +60,7 @@ class ClusterBackend:
         # from this gateway until it has applied them.
         self.pending_purges: dict[str, dict[str, None]] = {}
         self._replays: dict[str, IDelayedCall | Deferred[None]] = {}
+        self._recent_purges: dict[str, None] = {}
         registry = metrics.registry
         self._per_worker = Counter(
             "imgproxy_gateway_worker_requests",
@@ -77,6 +83,13 @@ class ClusterBackend:
     def _membership_changed(self, view: ClusterView) -> None:
         # Membership says who is alive: a worker it lists gets another chance.
         alive = {w.name for w in view.current.workers}
+        joined = alive - {w.name for w in view.previous.workers}
+        if self._recent_purges:
+            for name in joined:
+                # Back after who knows how long, with its disk cache: the recent
+                # purges first (a new worker's are no-ops), then requests.
+                pending = self.pending_purges.setdefault(name, {})
+                pending.update(self._recent_purges)
         for name in alive:
             # A series from 0 as soon as the worker is known: a rate over the
             # first requests then sees them rise (a series born at its first
@@ -168,13 +181,22 @@ class ClusterBackend:
         other gateways do not know: the client should retry.
         """
         source_key = source_key_of(url)
+        self._recent_purges.pop(url, None)
+        self._recent_purges[url] = None
+        if len(self._recent_purges) > RECENT_PURGES:
+            del self._recent_purges[next(iter(self._recent_purges))]
         targets: dict[str, WorkerRef] = {w.name: w for w in self.view.current.workers}
-        for worker in self.view.handoff_candidates(source_key):
-            targets.setdefault(worker.name, worker)
         for worker in self._failed_holders(source_key):
             targets.setdefault(worker.name, worker)
         if not targets:
             raise ProxyError(503, "no worker is alive to purge this image", retry_after=1)
+        # A worker that left lingers a moment for handoffs: purged if it is still
+        # there, and not waited for (should it come back, it is replayed to).
+        lingering = [
+            w for w in self.view.handoff_candidates(source_key) if w.name not in targets
+        ]
+        for worker in lingering:
+            self._client.purge(worker, url).addErrback(lambda _: None)
         results = yield DeferredList(
             [self._client.purge(w, url) for w in targets.values()], consumeErrors=True
         )
@@ -203,6 +225,31 @@ class ClusterBackend:
             )
         return None
 
+    async def _replay_in_batches(self, worker: WorkerRef, pending: dict[str, None]) -> None:
+        """A few purges at a time (thousands at once would swamp this gateway), and
+        none more once the worker proves unreachable: the next round retries."""
+        urls = list(pending)
+        for start in range(0, len(urls), REPLAY_CONCURRENCY):
+            batch = urls[start : start + REPLAY_CONCURRENCY]
+            results = await DeferredList(
+                [self._client.purge(worker, url) for url in batch], consumeErrors=True
+            )
+            unreachable = False
+            for url, (ok, failure) in zip(batch, results, strict=True):
+                if ok:
+                    pending.pop(url, None)
+                elif failure.check(WorkerUnavailable):
+                    unreachable = True
+                else:
+                    # Refused, not unreachable: trying again would not change the
+                    # answer, and holding the worker out for ever would be worse.
+                    self._log.failure(
+                        "replayed purge refused by {worker}", failure, worker=worker.name
+                    )
+                    pending.pop(url, None)
+            if unreachable:
+                return
+
     def _failed_holders(self, source_key: str) -> list[WorkerRef]:
         if not self.view.failed:
             return []
@@ -223,8 +270,13 @@ class ClusterBackend:
             self._schedule_replay(name, DOWN_RECHECK_SECONDS)
 
     def _schedule_replay(self, name: str, delay: float) -> None:
-        if name not in self._replays:
+        scheduled = self._replays.get(name)
+        if scheduled is None:
             self._replays[name] = self._clock.callLater(delay, self._replay, name)
+        elif not isinstance(scheduled, Deferred) and scheduled.active():
+            # Back sooner than planned (membership says alive): replay now.
+            if scheduled.getTime() - self._clock.seconds() > delay:
+                scheduled.reset(delay)
 
     @inlineCallbacks
     def _replay(self, name: str):  # type: ignore[no-untyped-def]
@@ -234,20 +286,9 @@ class ClusterBackend:
             # Failed again (membership's return brings it back here), or nothing left.
             self._replays.pop(name, None)
             return
-        urls = list(pending)
-        self._replays[name] = d = DeferredList(
-            [self._client.purge(worker, url) for url in urls], consumeErrors=True
-        )
-        results = yield d
+        self._replays[name] = d = Deferred.fromCoroutine(self._replay_in_batches(worker, pending))
+        yield d
         del self._replays[name]
-        for url, (ok, failure) in zip(urls, results, strict=True):
-            if ok:
-                pending.pop(url, None)
-            elif not failure.check(WorkerUnavailable):
-                # Refused, not unreachable: trying again would not change the answer,
-                # and holding the worker out of rotation for ever would be worse.
-                self._log.failure("replayed purge refused by {worker}", failure, worker=name)
-                pending.pop(url, None)
         if pending:
             self._schedule_replay(name, DOWN_RECHECK_SECONDS)
         else:

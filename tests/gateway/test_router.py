@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgproxy.cluster import ClusterView
 from imgproxy.errors import ProxyError
 from imgproxy.gateway.client import WorkerBusy, WorkerUnavailable
-from imgproxy.gateway.router import DOWN_RECHECK_SECONDS, ClusterBackend
+from imgproxy.gateway.router import DOWN_RECHECK_SECONDS, REPLAY_CONCURRENCY, ClusterBackend
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec
 from imgproxy.placement import BoundedLoad, WorkerRef
@@ -210,6 +210,40 @@ class ClusterBackendTests(SynchronousTestCase):
         self.workers.behaviour[last.name] = WorkerUnavailable(last, "refused")
         self.successResultOf(self.backend.purge(SPEC.url))
         self.assertNotIn(last.name, self.workers.purged)
+
+    def test_a_replay_goes_a_few_at_a_time_and_stops_at_the_first_outage(self) -> None:
+        owner = self.view.current.member(self.order[0])
+        self.workers.behaviour[owner.name] = WorkerUnavailable(owner, "timeout")
+        for n in range(5 * REPLAY_CONCURRENCY):
+            self.failureResultOf(self.backend.purge(f"http://origin.test/{n}.jpg"), ProxyError)
+        self.workers.purged.clear()
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        # Still unreachable: one batch tried, not every pending purge at once.
+        self.assertEqual(self.workers.purged, [owner.name] * REPLAY_CONCURRENCY)
+        self.workers.behaviour[owner.name] = "miss"
+        self.clock.advance(DOWN_RECHECK_SECONDS)
+        self.assertEqual(self.backend.pending_purges, {})
+
+    def test_a_worker_that_joins_gets_the_recent_purges_before_any_request(self) -> None:
+        # Away longer than membership remembers the failed: it may hold anything.
+        self.successResultOf(self.backend.purge(SPEC.url))
+        owner = self.order[0]
+        self.view.update([w for w in WORKERS if w.name != owner])
+        self.workers.purged.clear()
+        self.workers.behaviour[owner] = "hit"
+        self.view.update(WORKERS)
+        self.assertEqual(self.served_by(), self.order[1])
+        self.clock.advance(0)
+        self.assertEqual(self.workers.purged, [owner])
+        self.assertEqual(self.served_by(), owner)
+
+    def test_a_worker_that_left_for_good_does_not_hold_up_purges(self) -> None:
+        owner = self.view.current.member(self.order[0])
+        self.view.update([w for w in WORKERS if w != owner], departed_gracefully=[owner.name])
+        self.workers.behaviour[owner.name] = WorkerUnavailable(owner, "refused")
+        self.successResultOf(self.backend.purge(SPEC.url))
+        self.assertIn(owner.name, self.workers.purged)  # tried while it may linger
+        self.assertEqual(self.backend.pending_purges, {})
 
     def test_a_worker_that_refuses_a_purge_is_a_502_and_not_held_out(self) -> None:
         self.workers.behaviour[self.order[0]] = ProxyError(400, "bad url")

@@ -193,7 +193,10 @@ class NodeChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         now = self.site.clock.seconds()
         if self._request_started is None:
-            self._request_started = now
+            # Empty lines between requests are to be ignored (RFC 9112 2.2): they
+            # start no request, nor its clock.
+            if data.strip(b"\r\n"):
+                self._request_started = now
         elif now - self._request_started >= REQUEST_SECONDS:
             if not self._timed_out:
                 self._too_slow()

@@ -360,7 +360,10 @@ class MembershipService(Service):
         for stream in list(self.streams):
             stream.abort()
         if self._udp is not None:
-            yield self._udp.stopListening()
+            # Forgotten first: a timer firing while the port closes must find no
+            # port to write to (a closing one has lost its socket).
+            udp, self._udp = self._udp, None
+            yield udp.stopListening()
         if self._tcp is not None:
             yield self._tcp.stopListening()
 

@@ -65,8 +65,12 @@ class RecordingUDPPort:
         self.written: list[tuple[bytes, tuple[str, int]]] = []
         self.listening = True
         self.fail_writes = False
+        self.closed: Deferred[None] = succeed(None)
 
     def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.listening:
+            # What a closing udp.Port does: its socket is already gone.
+            raise AttributeError("'Port' object has no attribute 'socket'")
         if self.fail_writes:
             raise OSError(101, "Network is unreachable")
         if ":" in addr[0]:
@@ -76,7 +80,7 @@ class RecordingUDPPort:
 
     def stopListening(self) -> Deferred[None]:
         self.listening = False
-        return succeed(None)
+        return self.closed
 
 
 @implementer(IHostResolution)
@@ -525,6 +529,17 @@ class StopTests(Started):
         self.assertEqual({(d.node, d.from_node) for d in deads}, {("me", "me")})
         self.assertFalse(self.udp.listening)
         self.assertEqual(self.names()["me"], NodeState.LEFT)
+
+    def test_nothing_is_sent_to_a_port_that_is_closing(self) -> None:
+        self.udp.closed = Deferred()
+        stopping = self.service.stopService()
+        for _ in range(100):
+            self.reactor.advance(LAN.gossip_interval)
+        self.assertNoResult(stopping)  # the port is still closing
+        self.service._send(PEER, [Ping(11, "peer")])
+        self.assertEqual(self.flushLoggedErrors(AttributeError), [])
+        self.udp.closed.callback(None)
+        self.successResultOf(stopping)
 
     def test_a_stopped_node_ignores_what_arrives_before_the_ports_close(self) -> None:
         self.successResultOf(self.service.stopService())

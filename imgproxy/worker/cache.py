@@ -308,6 +308,10 @@ class DiskCache:
 
     # -- stores ----------------------------------------------------------------------------
 
+    def unstored(self, key: str, body: bytes, content_type: str, source_url: str) -> CacheEntry:
+        """The entry ``put`` would store, without storing it."""
+        return encode_entry(key, body, content_type, self._clock.seconds(), source_url)[1]
+
     def put(self, key: str, body: bytes, content_type: str, source_url: str) -> CacheEntry:
         """Store ``body`` under ``key`` and return its entry.
 

@@ -9,6 +9,7 @@ and N variants of one source cost one origin fetch.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,6 +29,9 @@ from imgproxy.worker.transform import (
     probe_source,
     transform_image,
 )
+
+#: Purges an ImageService remembers, to keep work begun before one out of the cache.
+REMEMBERED_PURGES = 10_000
 
 
 class SourceFetcher(Protocol):
@@ -70,6 +74,10 @@ class ImageService:
         self._timer = timer
         self._variants: Coalescer[CacheEntry] = Coalescer()
         self._sources: Coalescer[CacheEntry] = Coalescer()
+        # Purges by number, latest per source: what was downloading or rendering
+        # when its source was purged is served to those who asked, never stored.
+        self._purges = 0
+        self._last_purge: OrderedDict[str, int] = OrderedDict()
 
     def cached(self, spec: TransformSpec) -> CacheEntry | None:
         """The hit path: a fresh cached variant, or None."""
@@ -85,7 +93,29 @@ class ImageService:
 
     def purge_source(self, url: str) -> int:
         """Remove the source and every cached variant of ``url``; returns how many."""
-        return self.cache.purge_source(source_key_of(url))
+        source_key = source_key_of(url)
+        self._purges += 1
+        self._last_purge.pop(source_key, None)
+        self._last_purge[source_key] = self._purges
+        if len(self._last_purge) > REMEMBERED_PURGES:
+            self._last_purge.popitem(last=False)
+        return self.cache.purge_source(source_key)
+
+    def _purged_since(self, source_key: str, since: int) -> bool:
+        last = self._last_purge.get(source_key)
+        if last is not None:
+            return last > since
+        # Not remembered: unknown only if purges made since have been forgotten.
+        oldest = next(iter(self._last_purge.values()), since + 1)
+        return oldest > since + 1
+
+    def _keep(
+        self, since: int, source_key: str, key: str, body: bytes, content_type: str, url: str
+    ) -> CacheEntry:
+        """``cache.put``, unless the source was purged since the work began."""
+        if self._purged_since(source_key, since):
+            return self.cache.unstored(key, body, content_type, url)
+        return self.cache.put(key, body, content_type, url)
 
     def purge(self, url: str) -> Deferred[None]:
         """The ``ImageBackend`` view of ``purge_source``."""
@@ -97,10 +127,14 @@ class ImageService:
         entry = self.cache.get(spec.cache_key)
         if entry is not None:
             return entry
+        since = self._purges
         if self.peers is not None:
             handed = yield self._from_peer(spec, spec.url)
             if handed is not None:
-                return self.cache.put(spec.cache_key, handed.body, handed.content_type, spec.url)
+                return self._keep(
+                    since, spec.source_key, spec.cache_key, handed.body, handed.content_type,
+                    spec.url,
+                )
         source = yield self.source(spec.url)
         started = self._timer()
         try:
@@ -109,8 +143,9 @@ class ImageService:
             )
         finally:
             self._metrics.observe_transform(self._timer() - started)
-        return self.cache.put(
-            spec.cache_key, transformed.body, transformed.content_type, spec.url
+        return self._keep(
+            since, spec.source_key, spec.cache_key, transformed.body,
+            transformed.content_type, spec.url,
         )
 
     def source(self, url: str) -> Deferred[CacheEntry]:
@@ -123,10 +158,12 @@ class ImageService:
 
     @inlineCallbacks
     def _load_source(self, url: str, key: str):  # type: ignore[no-untyped-def]
+        since = self._purges
+        source_key = source_key_of(url)
         if self.peers is not None:
             handed = yield self._from_peer(None, url)
             if handed is not None:
-                return self.cache.put(key, handed.body, handed.content_type, url)
+                return self._keep(since, source_key, key, handed.body, handed.content_type, url)
         started = self._timer()
         try:
             fetched: FetchedSource = yield self._fetcher.fetch(url)
@@ -134,7 +171,7 @@ class ImageService:
             self._metrics.observe_fetch(self._timer() - started)
         # Probe before caching: a bomb or a non-image is refused, never stored.
         info: SourceInfo = yield self._pool.run(probe_source, fetched.body, self._limits)
-        return self.cache.put(key, fetched.body, info.content_type, url)
+        return self._keep(since, source_key, key, fetched.body, info.content_type, url)
 
     @inlineCallbacks
     def _from_peer(self, spec: TransformSpec | None, url: str):  # type: ignore[no-untyped-def]

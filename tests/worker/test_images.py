@@ -15,7 +15,7 @@ from imgproxy.params import TransformSpec
 from imgproxy.worker.cache import DiskCache, source_cache_key
 from imgproxy.worker.coalesce import Coalescer
 from imgproxy.worker.fetch import FetchedSource
-from imgproxy.worker.images import ImageService
+from imgproxy.worker.images import REMEMBERED_PURGES, ImageService
 from imgproxy.worker.transform import TransformLimits
 
 URL = "http://origin.test/photo.jpg"
@@ -85,6 +85,36 @@ class ImageServiceTests(SynchronousTestCase):
         self.assertEqual(Image.open(io.BytesIO(entry.body)).size, (32, 24))
         self.assertEqual(self.service.cached(spec), entry)
         self.assertIsNotNone(self.cache.get(source_cache_key(spec.source_key)))
+
+    def test_a_purge_while_the_source_downloads_keeps_the_result_out_of_the_cache(self) -> None:
+        # Those who asked before the purge get what was on its way; nobody after.
+        spec = TransformSpec(URL, width=32)
+        result = self.results(self.service.render(spec))
+        self.service.purge_source(URL)
+        self.fetcher.pending[0].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
+        self.assertEqual(Image.open(io.BytesIO(result[0].body)).size, (32, 24))
+        self.assertIsNone(self.service.cached(spec))
+        self.assertIsNone(self.cache.get(source_cache_key(spec.source_key)))
+        # The next request fetches again, and that result is kept.
+        self.results(self.service.render(spec))
+        self.fetcher.pending[1].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
+        self.assertIsNotNone(self.service.cached(spec))
+
+    def test_a_purge_forgotten_among_many_still_keeps_the_result_out(self) -> None:
+        spec = TransformSpec(URL, width=32)
+        self.results(self.service.render(spec))
+        self.service.purge_source(URL)
+        for n in range(REMEMBERED_PURGES):
+            self.service.purge_source(f"http://origin.test/{n}.jpg")
+        self.fetcher.pending[0].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
+        self.assertIsNone(self.service.cached(spec))
+
+    def test_a_purge_of_another_source_changes_nothing(self) -> None:
+        spec = TransformSpec(URL, width=32)
+        self.results(self.service.render(spec))
+        self.service.purge_source("http://origin.test/other.jpg")
+        self.fetcher.pending[0].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
+        self.assertIsNotNone(self.service.cached(spec))
 
     def test_identical_concurrent_requests_cost_one_fetch_and_one_transform(self) -> None:
         spec = TransformSpec(URL, width=16)

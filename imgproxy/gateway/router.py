@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -78,6 +78,16 @@ class ClusterBackend:
             "Requests sent past their owner because it was over the bounded-load cap",
             registry=registry,
         )
+        Gauge(
+            "imgproxy_gateway_pending_purges",
+            "Purges a worker missed and this gateway still has to replay to it",
+            registry=registry,
+        ).set_function(lambda: sum(len(urls) for urls in self.pending_purges.values()))
+        Gauge(
+            "imgproxy_gateway_workers_held_out",
+            "Workers this gateway sends nothing until they applied the purges they missed",
+            registry=registry,
+        ).set_function(lambda: len(self.pending_purges))
         view.on_change(self._membership_changed)
 
     def _membership_changed(self, view: ClusterView) -> None:

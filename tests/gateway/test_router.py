@@ -160,6 +160,9 @@ class ClusterBackendTests(SynchronousTestCase):
         failure = self.failureResultOf(self.backend.purge(SPEC.url), ProxyError)
         self.assertEqual((failure.value.status, failure.value.retry_after), (503, 2))
         self.assertIn("2 of 3 workers", failure.value.reason)
+        text = generate_latest(self.metrics.registry).decode()
+        self.assertIn("imgproxy_gateway_pending_purges 1.0", text)
+        self.assertIn("imgproxy_gateway_workers_held_out 1.0", text)
         self.workers.behaviour[owner] = "hit"
         self.assertEqual(self.served_by(), self.order[1])
         # Replayed after the recheck time; then the owner serves again.

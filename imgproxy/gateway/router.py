@@ -183,12 +183,14 @@ class ClusterBackend:
 
     @inlineCallbacks
     def purge(self, url: str):  # type: ignore[no-untyped-def]
-        """Purge from every worker that may hold the source: all alive ones, the
-        previous owner a handoff could read, and a failed worker that may come back.
+        """Purge from every worker that may hold the source: all alive ones, and a
+        failed one that may come back with it (a departed one that lingers, if it
+        answers).
 
         A worker that cannot be reached keeps the purge pending here: this gateway
         sends it nothing until it has applied it.  The answer is 503 then, since
-        other gateways do not know: the client should retry.
+        other gateways do not know: the client should retry.  Any worker that joins
+        later first gets this gateway's last ``RECENT_PURGES`` purges.
         """
         source_key = source_key_of(url)
         self._recent_purges.pop(url, None)

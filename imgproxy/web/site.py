@@ -83,6 +83,7 @@ MAX_REQUEST_BODY = 64 * 1024
 #: How long a request, head and body, may take to arrive from its first byte
 #: (Twisted's idle timeout restarts with every byte).
 REQUEST_SECONDS = 30.0
+_LINE_ENDS = frozenset(b"\r\n")
 #: The longest request line (and line plus headers) a public listener reads.
 MAX_REQUEST_HEAD = 16 * 1024
 #: A worker's: a gateway re-encodes the URL it was given, which may grow it up to
@@ -190,14 +191,18 @@ class NodeChannel(HTTPChannel):
     _request_started: float | None = None
     _timed_out = False
 
+    def connectionMade(self) -> None:
+        self._now = self.site.clock.seconds
+        super().connectionMade()
+
     def dataReceived(self, data: bytes) -> None:
-        now = self.site.clock.seconds()
-        if self._request_started is None:
+        started = self._request_started
+        if started is None:
             # Empty lines between requests are to be ignored (RFC 9112 2.2): they
             # start no request, nor its clock.
-            if data.strip(b"\r\n"):
-                self._request_started = now
-        elif now - self._request_started >= REQUEST_SECONDS:
+            if data and data[0] not in _LINE_ENDS:
+                self._request_started = self._now()
+        elif self._now() - started >= REQUEST_SECONDS:
             if not self._timed_out:
                 self._too_slow()
             return

@@ -111,6 +111,8 @@ class SourceInfo:
     height: int
     frames: int
     content_type: str
+    #: A lossless JPEG: libjpeg decodes it at full scale only, never drafted.
+    full_scale_only: bool = False
 
 
 @attrs.frozen
@@ -390,9 +392,11 @@ def _mapped_errors() -> Iterator[None]:
 
 
 def _open(data: bytes, fmt: str, limits: TransformLimits) -> tuple[Image.Image, SourceInfo]:
-    if fmt == "jpeg":
-        _check_jpeg_process(_jpeg_frame(data))
-    header_size = _header_size(fmt, data)
+    # A JPEG's frame header is read once: its coding process, its size.
+    frame = _jpeg_frame(data) if fmt == "jpeg" else None
+    if frame is not None:
+        _check_jpeg_process(frame)
+    header_size = (frame.width, frame.height) if frame is not None else _header_size(fmt, data)
     if header_size is not None:
         _check_pixels(*header_size, limits)
     _follow_pillow_guard(limits)
@@ -404,14 +408,17 @@ def _open(data: bytes, fmt: str, limits: TransformLimits) -> tuple[Image.Image, 
     frames = 1 if fmt == "jpeg" else int(getattr(image, "n_frames", 1))
     _check_frames(width, height, frames, limits)
     info = SourceInfo(
-        format=fmt, width=width, height=height, frames=frames, content_type=CONTENT_TYPES[fmt]
+        format=fmt,
+        width=width,
+        height=height,
+        frames=frames,
+        content_type=CONTENT_TYPES[fmt],
+        full_scale_only=frame is not None and frame.marker == _JPEG_LOSSLESS,
     )
     return image, info
 
 
-def _check_jpeg_process(frame: _JpegFrame | None) -> None:
-    if frame is None:
-        return
+def _check_jpeg_process(frame: _JpegFrame) -> None:
     if frame.marker not in _JPEG_DECODED:
         raise ProxyError(415, "the source is an arithmetic-coded JPEG, which is not supported")
     if frame.precision != 8:
@@ -488,9 +495,7 @@ def _transform(
             out_format == "png"
             or (out_format == "gif" and not isinstance(image.info.get("transparency"), bytes))
         )
-        # libjpeg decodes a lossless JPEG at full scale only.
-        frame = _jpeg_frame(source) if info.format == "jpeg" else None
-        drafts = info.format == "jpeg" and (frame is None or frame.marker != _JPEG_LOSSLESS)
+        drafts = info.format == "jpeg" and not info.full_scale_only
         frames = [_render_still(image, drafts, stored, orientation, keep_palette)]
         durations, play_count = [], 1
     return geometry, _encode(frames, durations, play_count, out_format, spec.quality, icc_profile)

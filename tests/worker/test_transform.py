@@ -913,6 +913,11 @@ class JpegVariantTests(SynchronousTestCase):
             self.assertEqual(caught.exception.status, 415)
             self.assertIn(f"{precision}-bit", caught.exception.reason)
 
+    def test_a_lossless_jpeg_is_marked_to_decode_at_full_scale(self) -> None:
+        # libjpeg cannot draft one: decoded at 1/2..1/8 scale it fails.
+        self.assertTrue(probe_source(self.with_frame_header(0xC3, 8), LIMITS).full_scale_only)
+        self.assertFalse(probe_source(self.with_frame_header(0xC0, 8), LIMITS).full_scale_only)
+
     def test_extended_huffman_8_bit_is_decoded(self) -> None:
         result = transform_image(self.with_frame_header(0xC1, 8), spec(width=10), LIMITS)
         self.assertEqual((result.width, result.height), (10, 8))

@@ -15,7 +15,6 @@ origin says so, 413 for too many bytes, 504 for too slow, 502 for the rest.
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
@@ -23,7 +22,7 @@ from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
 import attrs
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
@@ -439,38 +438,29 @@ class SourceFetcher:
         # IPv6 literal host, and its gzip decoding, cookie jar and redirect
         # following are all things a proxy fetching for strangers must not do.
         self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
-        self.downloading = 0
-        self._waiting: deque[Deferred[None]] = deque()
+        # Without a bound, anyone pointing many requests at a slow origin of their
+        # own would make this process hold max_bytes per request.
+        self._turns = DeferredSemaphore(limits.concurrency)
+
+    @property
+    def downloading(self) -> int:
+        """Downloads in progress."""
+        return self._turns.limit - self._turns.tokens
 
     @property
     def waiting(self) -> int:
         """Downloads waiting for a turn."""
-        return len(self._waiting)
-
-    def _turn(self) -> Deferred[None]:
-        # Without a bound, anyone pointing many requests at a slow origin of
-        # their own would make this process hold max_bytes per request.
-        if self.downloading < self._limits.concurrency:
-            self.downloading += 1
-            return succeed(None)
-        if len(self._waiting) >= self._limits.queue:
-            raise ProxyError(503, "too many source downloads in progress", retry_after=1)
-        waiter: Deferred[None] = Deferred(canceller=self._waiting.remove)
-        self._waiting.append(waiter)
-        return waiter
-
-    def _done(self) -> None:
-        if self._waiting:
-            self._waiting.popleft().callback(None)  # the turn passes on
-        else:
-            self.downloading -= 1
+        return len(self._turns.waiting)
 
     async def _fetch_in_turn(self, url: str) -> FetchedSource:
-        await self._turn()
+        if not self._turns.tokens and self.waiting >= self._limits.queue:
+            raise ProxyError(503, "too many source downloads in progress", retry_after=1)
+        # Cancelled while waiting (the timeout), it leaves the queue and holds no turn.
+        await self._turns.acquire()
         try:
             return await self._fetch(url)
         finally:
-            self._done()
+            self._turns.release()
 
     def close(self) -> Deferred[None]:
         """Close the pooled connections to origins."""

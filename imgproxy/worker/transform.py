@@ -661,16 +661,25 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 def _cmyk_to_rgb(image: Image.Image, icc_profile: bytes | None) -> Image.Image:
     if icc_profile and _icc_colour_space(icc_profile) == b"CMYK":
-        try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-            converted = ImageCms.profileToProfile(
-                image, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
-            )
-        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-            converted = None
-        if converted is not None:
-            return converted
+        transform = _srgb_transform(icc_profile, "CMYK", "RGB")
+        if transform is not None:
+            return transform.apply(image)
     return image.convert("RGB")
+
+
+def _srgb_transform(
+    icc_profile: bytes, in_mode: str, out_mode: str
+) -> ImageCms.ImageCmsTransform | None:
+    """LittleCMS from the embedded profile to sRGB; ``None`` if it cannot read the profile."""
+    try:
+        return ImageCms.buildTransform(
+            ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)),
+            ImageCms.createProfile("sRGB"),
+            in_mode,
+            out_mode,
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
 
 
 def _icc_colour_space(icc_profile: bytes) -> bytes:
@@ -745,16 +754,10 @@ def _to_srgb(frames: list[Image.Image], icc_profile: bytes) -> list[Image.Image]
         in_mode = out_mode = "RGBA" if frames[0].has_transparency_data else "RGB"
     else:
         return frames
-    try:
-        transform = ImageCms.buildTransform(
-            ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)),
-            ImageCms.createProfile("sRGB"),
-            in_mode,
-            out_mode,
-        )
-        return [_apply_profile(frame, in_mode, transform) for frame in frames]
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+    transform = _srgb_transform(icc_profile, in_mode, out_mode)
+    if transform is None:
         return frames
+    return [_apply_profile(frame, in_mode, transform) for frame in frames]
 
 
 def _apply_profile(

@@ -150,16 +150,16 @@ class ImageService:
 
     def source(self, url: str) -> Deferred[CacheEntry]:
         """The source's original bytes: cached, from a peer, or fetched (coalesced)."""
-        key = source_cache_key(source_key_of(url))
+        source_key = source_key_of(url)
+        key = source_cache_key(source_key)
         entry = self.cache.get(key)
         if entry is not None:
             return succeed(entry)
-        return self._sources.run(key, lambda: self._load_source(url, key))
+        return self._sources.run(key, lambda: self._load_source(url, source_key, key))
 
     @inlineCallbacks
-    def _load_source(self, url: str, key: str):  # type: ignore[no-untyped-def]
+    def _load_source(self, url: str, source_key: str, key: str):  # type: ignore[no-untyped-def]
         since = self._purges
-        source_key = source_key_of(url)
         if self.peers is not None:
             handed = yield self._from_peer(None, url)
             if handed is not None:

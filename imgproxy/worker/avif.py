@@ -130,6 +130,7 @@ def finish_sequence(data: bytes, play_count: int) -> bytes:
     mvhd = _child(data, *moov, b"mvhd")
     if mvhd is not None:
         _clear_times(out, mvhd[0])
+    movie_duration = None
     for trak_start, trak_end in _children(data, *moov, b"trak"):
         tkhd = _child(data, trak_start, trak_end, b"tkhd")
         edts = _child(data, trak_start, trak_end, b"edts")
@@ -147,16 +148,17 @@ def finish_sequence(data: bytes, play_count: int) -> bytes:
         # libavif's own encoding of a count: the edit repeats (flag 1) unless the
         # sequence plays once, and the track lasts as long as all the plays.
         out[elst[0] + 3] = out[elst[0] + 3] & 0xFE | (play_count > 1)
-        duration = edit_duration * play_count
-        offset, width = _track_duration_field(data, tkhd[0])
-        out[offset : offset + width] = min(duration, _INDEFINITE[width] - 1).to_bytes(width, "big")
-        if mvhd is not None:
-            mvhd_width, _, after_times = _header_fields(data, mvhd[0])
-            mvhd_duration = after_times + 4  # after the timescale
-            out[mvhd_duration : mvhd_duration + mvhd_width] = min(
-                duration, _INDEFINITE[mvhd_width] - 1
-            ).to_bytes(mvhd_width, "big")
+        movie_duration = edit_duration * play_count
+        _write_duration(out, *_track_duration_field(data, tkhd[0]), movie_duration)
+    if mvhd is not None and movie_duration is not None:
+        width, _, after_times = _header_fields(data, mvhd[0])
+        _write_duration(out, after_times + 4, width, movie_duration)  # after the timescale
     return bytes(out)
+
+
+def _write_duration(out: bytearray, offset: int, width: int, duration: int) -> None:
+    # All ones would mean "indefinite": a finite count stays just below.
+    out[offset : offset + width] = min(duration, _INDEFINITE[width] - 1).to_bytes(width, "big")
 
 
 def _clear_times(out: bytearray, header_start: int) -> None:

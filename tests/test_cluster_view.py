@@ -67,9 +67,16 @@ class WatchedMembership:
         self.listeners.append(listener)
 
 
+def watched(members: list[tuple[str, str, NodeState]]) -> ClusterView:
+    """A view kept by ``watch_workers`` over members (name, "role[:http port]", state)."""
+    view = ClusterView()
+    watch_workers(WatchedMembership(members), view)
+    return view
+
+
 class WatchWorkersTests(SynchronousTestCase):
     def test_alive_suspect_and_failed_workers_each_find_their_place(self) -> None:
-        membership = WatchedMembership([
+        view = watched([
             ("a", "worker", NodeState.ALIVE),
             ("s", "worker", NodeState.SUSPECT),
             ("d", "worker", NodeState.DEAD),
@@ -77,8 +84,6 @@ class WatchWorkersTests(SynchronousTestCase):
             ("g", "gateway", NodeState.ALIVE),
             ("gd", "gateway", NodeState.DEAD),
         ])
-        view = ClusterView()
-        watch_workers(membership, view)
         self.assertEqual(sorted(w.name for w in view.current.workers), ["a", "s"])
         self.assertEqual(view.suspected, {"s"})
         # A failed worker may come back with its cache; one that left said goodbye.
@@ -87,13 +92,11 @@ class WatchWorkersTests(SynchronousTestCase):
 
     def test_a_member_without_a_usable_http_port_is_no_worker(self) -> None:
         # Anyone may gossip role=worker (a serf agent with tags): only a port counts.
-        membership = WatchedMembership([
+        view = watched([
             ("ok", "worker:8080", NodeState.ALIVE),
             ("high", "worker:99999", NodeState.ALIVE),
             ("zero", "worker:0", NodeState.ALIVE),
             ("word", "worker:http", NodeState.ALIVE),
             ("sign", "worker:-1", NodeState.ALIVE),
         ])
-        view = ClusterView()
-        watch_workers(membership, view)
         self.assertEqual([w.name for w in view.current.workers], ["ok"])

@@ -59,7 +59,8 @@ class ClusterBackend:
         # Source URLs a worker missed the purge of, by worker: it gets no request
         # from this gateway until it has applied them.
         self.pending_purges: dict[str, dict[str, None]] = {}
-        self._replays: dict[str, IDelayedCall | Deferred[None]] = {}
+        self._replay_calls: dict[str, IDelayedCall] = {}
+        self._replaying: set[str] = set()
         self._recent_purges: dict[str, None] = {}
         registry = metrics.registry
         self._per_worker = Counter(
@@ -282,25 +283,28 @@ class ClusterBackend:
             self._schedule_replay(name, DOWN_RECHECK_SECONDS)
 
     def _schedule_replay(self, name: str, delay: float) -> None:
-        scheduled = self._replays.get(name)
-        if scheduled is None:
-            self._replays[name] = self._clock.callLater(delay, self._replay, name)
-        elif not isinstance(scheduled, Deferred) and scheduled.active():
-            # Back sooner than planned (membership says alive): replay now.
-            if scheduled.getTime() - self._clock.seconds() > delay:
-                scheduled.reset(delay)
+        if name in self._replaying:
+            return  # it schedules the next round itself while purges remain
+        call = self._replay_calls.get(name)
+        if call is None:
+            self._replay_calls[name] = self._clock.callLater(delay, self._start_replay, name)
+        elif call.getTime() - self._clock.seconds() > delay:
+            call.reset(delay)  # back sooner than planned (membership says alive)
 
-    @inlineCallbacks
-    def _replay(self, name: str):  # type: ignore[no-untyped-def]
+    def _start_replay(self, name: str) -> None:
+        del self._replay_calls[name]
+        Deferred.fromCoroutine(self._replay(name))
+
+    async def _replay(self, name: str) -> None:
         worker = self.view.current.member(name)
         pending = self.pending_purges.get(name)
         if worker is None or not pending:
-            # Failed again (membership's return brings it back here), or nothing left.
-            self._replays.pop(name, None)
-            return
-        self._replays[name] = d = Deferred.fromCoroutine(self._replay_in_batches(worker, pending))
-        yield d
-        del self._replays[name]
+            return  # failed again (membership's return brings it back), or nothing left
+        self._replaying.add(name)
+        try:
+            await self._replay_in_batches(worker, pending)
+        finally:
+            self._replaying.discard(name)
         if pending:
             self._schedule_replay(name, DOWN_RECHECK_SECONDS)
         else:

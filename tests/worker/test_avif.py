@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -40,5 +42,7 @@ class PlayCountTests(SynchronousTestCase):
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=512))
-    def test_any_bytes_read_as_some_count(self, data: bytes) -> None:
-        self.assertGreaterEqual(avif.plays(b"\x00\x00\x00\x10moov" + data), 0)
+    def test_any_bytes_in_a_moov_box_are_read_without_error(self, data: bytes) -> None:
+        # The box holds all of the data, so every byte of it is walked as boxes.
+        moov = struct.pack(">I", 8 + len(data)) + b"moov" + data
+        self.assertGreaterEqual(avif.plays(moov), avif.FOREVER)

@@ -18,6 +18,8 @@ from imgproxy.errors import ProxyError
 FITS = ("contain", "cover", "fill")
 OUTPUT_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
 REQUEST_FORMATS = (*OUTPUT_FORMATS, "auto")
+# Spellings users of thumbor and darthsim's imgproxy type, read as the contract's names.
+FORMAT_ALIASES = {"jpg": "jpeg"}
 LOSSLESS_FORMATS = frozenset({"png", "gif"})
 MAX_DIMENSION = 8192
 DEFAULT_QUALITY = 80
@@ -183,13 +185,22 @@ def _parse_int(values: dict[str, str], name: str, low: int, high: int) -> int | 
     return number
 
 
-def _parse_choice(values: dict[str, str], name: str, choices: Iterable[str]) -> str | None:
+def _parse_choice(
+    values: dict[str, str],
+    name: str,
+    choices: Iterable[str],
+    aliases: dict[str, str] | None = None,
+) -> str | None:
+    """One of ``choices``, in any letter case or by an alias; ``None`` when absent."""
     text = values.get(name)
     if text is None:
         return None
-    if text not in choices:
+    chosen = text.lower()
+    if aliases:
+        chosen = aliases.get(chosen, chosen)
+    if chosen not in choices:
         raise ProxyError(400, f"parameter {name!r} must be one of {', '.join(choices)}")
-    return text
+    return chosen
 
 
 def negotiate_format(accept: str | bytes | None) -> str | None:
@@ -221,7 +232,7 @@ def spec_from_values(values: dict[str, str | int | None]) -> TransformSpec:
     """Validate already-decoded fields (the internal API's JSON) into a spec."""
     text_values = {k: str(v) for k, v in values.items() if v is not None}
     url = check_source_url(text_values.get("url", ""))
-    fmt = _parse_choice(text_values, "format", OUTPUT_FORMATS)
+    fmt = _parse_choice(text_values, "format", OUTPUT_FORMATS, FORMAT_ALIASES)
     return TransformSpec(
         url=url,
         width=_parse_int(text_values, "w", 1, MAX_DIMENSION),
@@ -273,9 +284,7 @@ def parse_image_query(
     if "url" not in values:
         raise ProxyError(400, "parameter 'url' is required")
     spec_fields: dict[str, str | int | None] = {k: v for k, v in values.items() if k != "sig"}
-    requested_format = values.get("format")
-    if requested_format is not None and requested_format not in REQUEST_FORMATS:
-        raise ProxyError(400, f"parameter 'format' must be one of {', '.join(REQUEST_FORMATS)}")
+    requested_format = _parse_choice(values, "format", REQUEST_FORMATS, FORMAT_ALIASES)
     varies = requested_format == "auto"
     if varies:
         spec_fields["format"] = negotiate_format(accept)

@@ -71,7 +71,18 @@ class ParseImageQueryTests(SynchronousTestCase):
     def test_fit_and_format_values(self) -> None:
         self.assertIn("contain", self.assertRefused(Q + "&fit=stretch"))
         self.assertIn("avif", self.assertRefused(Q + "&format=bmp"))
-        self.assertRefused(Q + "&format=JPEG")
+        self.assertIn("auto", self.assertRefused(Q + "&format="))
+
+    def test_format_and_fit_read_as_users_of_other_proxies_type_them(self) -> None:
+        # "jpg" is thumbor's and darthsim's spelling; letter case is not a different format.
+        canonical = parse(Q + "&format=jpeg&fit=cover").spec
+        for query in ["&format=jpg&fit=cover", "&format=JPEG&fit=Cover", "&format=JPG&fit=COVER"]:
+            with self.subTest(query=query):
+                spec = parse(Q + query).spec
+                self.assertEqual((spec.output_format, spec.fit), ("jpeg", "cover"))
+                self.assertEqual(spec.cache_key, canonical.cache_key)
+        self.assertTrue(parse(Q + "&format=AUTO", accept="image/webp").varies_on_accept)
+        self.assertRefused(Q + "&format=jpe")
 
     def test_repeated_and_unknown_parameters(self) -> None:
         self.assertIn("more than once", self.assertRefused(Q + "&w=1&w=2"))

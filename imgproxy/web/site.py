@@ -84,6 +84,9 @@ MAX_REQUEST_BODY = 64 * 1024
 #: (Twisted's idle timeout restarts with every byte).
 REQUEST_SECONDS = 30.0
 _LINE_ENDS = frozenset(b"\r\n")
+# What "Server" says: the product, as nginx and darthsim's imgproxy do, not
+# Twisted's name and version for a scanner to match against advisories.
+SERVER_NAME = [b"imgproxy"]
 #: The longest request line (and line plus headers) a public listener reads.
 MAX_REQUEST_HEAD = 16 * 1024
 #: A worker's: a gateway re-encodes the URL it was given, which may grow it up to
@@ -164,7 +167,13 @@ class TrackedRequest(Request):
         self.notifyFinish().addBoth(site.request_done)
         super().process()
 
+    def render(self, resrc: IResource) -> None:
+        # Twisted set its own "Server" just before calling this.
+        self.responseHeaders.setRawHeaders(b"server", SERVER_NAME)
+        super().render(resrc)
+
     def _handleStar(self) -> None:
+        self.responseHeaders.setRawHeaders(b"server", SERVER_NAME)
         # "OPTIONS *" probes readiness; anything else on "*" is a JSON 405 like every error.
         if self.method == b"OPTIONS":
             super()._handleStar()

@@ -126,6 +126,16 @@ class ProtocolErrorTests(WireExchange):
         self.assertTrue(options.startswith(b"HTTP/1.1 200"), options)
 
 
+class ServerHeaderTests(WireExchange):
+    def test_responses_name_the_product_but_not_the_framework_or_its_version(self) -> None:
+        root = NodeRoot({b"health": JsonDocument(lambda: {"ok": True})})
+        for target in (b"/health", b"/nothing"):
+            response = self.exchange(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", root)
+            head = response.partition(b"\r\n\r\n")[0].lower()
+            self.assertIn(b"\r\nserver: imgproxy\r\n", head, target)
+            self.assertNotIn(b"twisted", head, target)
+
+
 class RoutingTests(WireExchange):
     """Exactly the contract's paths: no prefix matches, no empty segments, any target form."""
 

@@ -276,7 +276,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
         from imgproxy.worker.internal import internal_api
 
         assert images is not None
-        images.peers = PeerHandoff(view, client)
+        images.peers = PeerHandoff(view, client, reactor)
         backend = None
         children[b"v1"] = internal_api(images, signer, reactor, metrics)
     if backend is not None:

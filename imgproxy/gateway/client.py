@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,7 +30,12 @@ from imgproxy.params import TransformSpec, source_key_of
 from imgproxy.placement import WorkerRef
 from imgproxy.quietpool import QuietConnectionPool
 from imgproxy.worker.cache import CacheEntry, source_cache_key
-from imgproxy.worker.internal import AUTH_REFUSED_HEADER, CREATED_HEADER
+from imgproxy.worker.internal import (
+    AUTH_REFUSED_HEADER,
+    CREATED_HEADER,
+    HELD_OUT_HEADER,
+    encode_names,
+)
 
 # Statuses a worker answers for its own reasons; they reach the client as they are.
 PASSED_THROUGH = frozenset({400, 403, 404, 413, 415, 502, 504})
@@ -119,12 +125,15 @@ class WorkerClient:
         query: bytes,
         body: bytes,
         timeout: float,
+        held_out: Collection[str] = (),
     ):  # type: ignore[no-untyped-def]
         host = f"[{worker.host}]" if ":" in worker.host else worker.host
         url = f"http://{host}:{worker.port}".encode("ascii") + path
         if query:
             url += b"?" + query
         headers = self._headers(method, path, query, body)
+        if held_out:
+            headers.setRawHeaders(HELD_OUT_HEADER, [encode_names(held_out)])
 
         @inlineCallbacks
         def exchange():  # type: ignore[no-untyped-def]
@@ -217,11 +226,16 @@ class WorkerClient:
         raise self._error(worker, response, content)
 
     @inlineCallbacks
-    def produce(self, worker: WorkerRef, spec: TransformSpec):  # type: ignore[no-untyped-def]
-        """``POST /v1/cache``: (the variant, whether the worker had it cached)."""
+    def produce(  # type: ignore[no-untyped-def]
+        self, worker: WorkerRef, spec: TransformSpec, held_out: Collection[str] = ()
+    ):
+        """``POST /v1/cache``: (the variant, whether the worker had it cached).
+
+        ``held_out``: workers the worker must not copy the variant from (see
+        ``HELD_OUT_HEADER``)."""
         body = json.dumps(spec.to_json(), sort_keys=True).encode("utf-8")
         response, content = yield self._request(
-            worker, b"POST", b"/v1/cache", b"", body, self.produce_timeout
+            worker, b"POST", b"/v1/cache", b"", body, self.produce_timeout, held_out
         )
         if response.code == 200:
             hit = response.headers.getRawHeaders(b"x-cache", [b"MISS"])[0] == b"HIT"

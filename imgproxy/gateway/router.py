@@ -179,7 +179,9 @@ class ClusterBackend:
         entry = yield self._client.lookup(worker, spec)
         if entry is not None:
             return entry, True
-        produced = yield self._client.produce(worker, spec)
+        # A worker held out may still hold what was purged: the one asked to
+        # produce must not copy it from there by handoff.
+        produced = yield self._client.produce(worker, spec, tuple(self.pending_purges))
         return produced
 
     @inlineCallbacks

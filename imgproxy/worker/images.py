@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -42,6 +42,9 @@ class PeerCache(Protocol):
     """Where a new owner looks before the origin: the key's previous owner."""
 
     def find(self, spec: TransformSpec | None, url: str) -> Deferred[CacheEntry | None]: ...
+
+    def avoid(self, names: Iterable[str]) -> None:
+        """Read nothing from these peers for a while: a gateway holds them out."""
 
 
 class ImageMetrics(Protocol):

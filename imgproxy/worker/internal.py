@@ -10,7 +10,9 @@ fresh signature.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -44,6 +46,23 @@ CREATED_HEADER = b"x-imgproxy-created"
 #: Set on a 403 for a request that failed the cluster authentication.
 AUTH_REFUSED_HEADER = b"x-imgproxy-auth-refused"
 INTERNAL_GET_PARAMETERS = (KNOWN_PARAMETERS - {"sig"}) | {"stale"}
+#: On ``POST /v1/cache``: the workers the gateway holds out of rotation until
+#: they have applied purges they missed. What they hold may have been purged, so
+#: the handoff does not read from them. Not signed: a forged list can only send
+#: a miss to the origin instead of a peer.
+HELD_OUT_HEADER = b"x-imgproxy-held-out"
+MAX_HELD_OUT_NAMES = 64
+
+
+def encode_names(names: Iterable[str]) -> bytes:
+    """Member names as one header value: each percent-encoded, comma-separated."""
+    return ",".join(quote(name, safe="") for name in names).encode("ascii")
+
+
+def decode_names(value: bytes) -> list[str]:
+    """``encode_names`` read back; at most ``MAX_HELD_OUT_NAMES``, empty ones skipped."""
+    names = value.decode("latin-1").split(",", MAX_HELD_OUT_NAMES)[:MAX_HELD_OUT_NAMES]
+    return [unquote(name.strip()) for name in names if name.strip()]
 
 
 def write_entry(request: Request, entry: CacheEntry, cache_status: bytes) -> bytes:
@@ -165,6 +184,9 @@ class CacheEndpoint(_Endpoint):
         if entry is not None:
             self._metrics.count_request("internal", 200)
             return write_entry(request, entry, b"HIT")
+        held_out = request.getHeader(HELD_OUT_HEADER)
+        if held_out and self._images.peers is not None:
+            self._images.peers.avoid(decode_names(held_out))
         d = self._images.render(spec)
 
         def produced(entry: CacheEntry) -> None:

@@ -31,6 +31,7 @@ class FakeWorkers:
         self.behaviour: dict[str, object] = {}
         self.asked: list[tuple[str, str]] = []
         self.purged: list[str] = []
+        self.held_out: list[tuple[str, ...]] = []
 
     def _outcome(self, worker: WorkerRef, call: str):
         self.asked.append((call, worker.name))
@@ -46,7 +47,8 @@ class FakeWorkers:
             lambda b: entry(worker.name) if b == "hit" else None
         )
 
-    def produce(self, worker: WorkerRef, spec: TransformSpec):
+    def produce(self, worker: WorkerRef, spec: TransformSpec, held_out=()):
+        self.held_out.append(tuple(held_out))
         return self._outcome(worker, "produce").addCallback(lambda b: (entry(worker.name), False))
 
     def purge(self, worker: WorkerRef, url: str):
@@ -239,6 +241,20 @@ class ClusterBackendTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.workers.purged, [owner])
         self.assertEqual(self.served_by(), owner)
+
+    def test_the_worker_serving_meanwhile_is_told_not_to_copy_from_the_one_held_out(self) -> None:
+        # The owner is back with its disk cache, the purge not yet replayed: the
+        # next worker must not pull the purged image from it by handoff.
+        self.successResultOf(self.backend.purge(SPEC.url))
+        owner = self.order[0]
+        self.view.update([w for w in WORKERS if w.name != owner])
+        self.view.update(WORKERS)
+        self.assertEqual(self.served_by(), self.order[1])
+        self.assertEqual(self.workers.held_out, [(owner,)])
+        self.clock.advance(0)
+        self.workers.held_out.clear()
+        self.assertEqual(self.served_by(), owner)
+        self.assertEqual(self.workers.held_out, [()])
 
     def test_a_worker_that_left_for_good_does_not_hold_up_purges(self) -> None:
         owner = self.view.current.member(self.order[0])

@@ -68,6 +68,25 @@ class InternalApiTests(TestCase):
         self.assertEqual(self.origin.calls, 1)
 
     @inlineCallbacks
+    def test_produce_tells_the_worker_which_peers_not_to_copy_from(self):
+        class RecordingPeers:
+            avoided: list[str] = []
+
+            def avoid(self, names):
+                self.avoided.extend(names)
+
+            def find(self, spec, url):
+                return succeed(None)
+
+        self.images.peers = peers = RecordingPeers()
+        # Any member name survives the trip: commas, spaces and non-ASCII included.
+        names = ["w2", "rack 3,w7", "wörker-ß"]
+        yield self.client.produce(WORKER, TransformSpec(URL, width=20), held_out=names)
+        self.assertEqual(peers.avoided, names)
+        yield self.client.produce(WORKER, TransformSpec(URL, width=21))
+        self.assertEqual(peers.avoided, names)
+
+    @inlineCallbacks
     def test_only_the_contracts_paths_exist(self):
         for path in ("/v1/image/extra", "/v1/cache/", "/v1/nothing", "/v1"):
             response = yield self.http.get("http://worker.test" + path)

@@ -24,11 +24,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imgproxy.membership.events import (
+    SERF_USER_EVENT_TYPE,
+    USER_EVENT_SIZE_LIMIT,
+    EventLog,
+    UserEvent,
+    decode_user_event,
+    encode_user_event,
+)
 from imgproxy.membership.keyring import Keyring
 from imgproxy.membership.messages import AckResp, Message, NodeState, Ping, PushPull
 from imgproxy.membership.profiles import Profile
 from imgproxy.membership.state import Address, Member, MemberEvent, SwimNode
-from imgproxy.membership.tags import SerfState, decode_tags, encode_serf_state, encode_tags
+from imgproxy.membership.tags import (
+    SerfState,
+    decode_serf_state,
+    decode_tags,
+    encode_serf_state,
+    encode_tags,
+)
 from imgproxy.membership.wire import (
     StreamDecoder,
     WireError,
@@ -236,6 +250,9 @@ class MembershipService(Service):
         # Failed or departed members, with when: shown after the table reaps them.
         self._departed: dict[str, tuple[Member, float]] = {}
         self._state_listeners: list[Callable[[], None]] = []
+        self._user_event_listeners: list[Callable[[UserEvent], None]] = []
+        #: serf's user events: their clock and the recent ones, sent in every push-pull.
+        self.events = EventLog()
         self._last_states: tuple[tuple[str, NodeState], ...] = ()
         self._state_poll = LoopingCall(self._check_states)
         self._state_poll.clock = reactor
@@ -255,6 +272,7 @@ class MembershipService(Service):
             size_of=lambda message: len(encode_message(message)),
             packet_overhead=CRC_OVERHEAD + (ENCRYPTION_OVERHEAD if keyring else 0),
             tcp_ping=self._tcp_ping,
+            on_user_message=self._user_message,
         )
         self._udp: Any = None
         self._tcp: Any = None
@@ -275,6 +293,60 @@ class MembershipService(Service):
     def on_state_change(self, listener: Callable[[], None]) -> None:
         """Called when any member's state changes, suspicion included (polled)."""
         self._state_listeners.append(listener)
+
+    def on_user_event(self, listener: Callable[[UserEvent], None]) -> None:
+        """Called once with every user event, from any member (serf agents too) or this one."""
+        self._user_event_listeners.append(listener)
+
+    def send_user_event(self, name: str, payload: bytes) -> UserEvent:
+        """Gossip a serf user event to every member; it reaches this node's listeners too.
+
+        Raises ``ValueError`` past serf's limit on name and payload: the event has
+        to fit, with the rest of a gossip packet, in one datagram.
+        """
+        if len(name.encode("utf-8")) + len(payload) > USER_EVENT_SIZE_LIMIT:
+            raise ValueError(
+                f"a user event's name and payload exceed {USER_EVENT_SIZE_LIMIT} bytes"
+            )
+        event = self.events.create(name, payload)
+        self.node.queue_user_message(encode_user_event(event))
+        self._deliver(event)
+        return event
+
+    def _user_message(self, payload: bytes) -> None:
+        # serf's other messages (join and leave intents, queries) are serf's own business.
+        if not payload or payload[0] != SERF_USER_EVENT_TYPE:
+            return
+        try:
+            event = decode_user_event(payload)
+        except WireError as error:
+            self.counters.dropped += 1
+            self._log.debug("dropping a user event: {error}", error=error)
+            return
+        if self.events.record(event):
+            # Passed on as it came, as serf does: each member gossips it a few times.
+            self.node.queue_user_message(payload)
+            self._deliver(event)
+
+    def _merge_events(self, user_state: bytes) -> None:
+        """The recent events in a push-pull: what this node missed while it was away."""
+        try:
+            remote = decode_serf_state(user_state)
+        except WireError:
+            return  # not serf's state: a member that keeps no events
+        if remote.event_ltime > 0:
+            # No event has been sent at the remote's current time yet.
+            self.events.witness(remote.event_ltime - 1)
+        for event in remote.events:
+            if self.events.record(event):
+                self._deliver(event)
+
+    def _deliver(self, event: UserEvent) -> None:
+        for listener in list(self._user_event_listeners):
+            try:
+                listener(event)
+            except Exception:
+                self._log.failure("a user event listener failed")
 
     def _check_states(self) -> None:
         snapshot = tuple(sorted((m.name, m.state) for m in self.node.members()))
@@ -433,9 +505,12 @@ class MembershipService(Service):
         """Our member table, with the user state serf expects from every member."""
         state = self.node.local_state(join)
         names = {m.name: 1 for m in self.node.members()}
-        return attrs.evolve(
-            state, user_state=encode_serf_state(SerfState(status_ltimes=names))
+        serf_state = SerfState(
+            status_ltimes=names,
+            event_ltime=self.events.time,
+            events=tuple(self.events.recent()),
         )
+        return attrs.evolve(state, user_state=encode_serf_state(serf_state))
 
     def _connect(self, addr: Address, protocol: _StreamProtocol, timeout: float) -> Deferred:
         endpoint = HostnameEndpoint(self.reactor, addr[0], addr[1], timeout=timeout)
@@ -481,6 +556,7 @@ class MembershipService(Service):
             return  # an exchange that finished after stop
         try:
             self.node.merge_remote_state(remote)
+            self._merge_events(remote.user_state)
         except Exception:
             self.counters.dropped += 1
             self._log.failure("merging a remote state failed")

@@ -91,6 +91,8 @@ COMPOUND_HEADER_OVERHEAD = 2
 COMPOUND_OVERHEAD = 2
 # Bounds the memory of answered accusations; a flood only costs a few extra answers.
 MAX_TRACKED_CORRECTIONS = 1024
+#: User messages queued for gossip at most (serf's ``MaxQueueDepth``): the most-sent go.
+MAX_USER_BROADCASTS = 4096
 
 
 @functools.lru_cache(maxsize=4096)
@@ -214,12 +216,16 @@ class SwimNode:
         packet_overhead: int = 0,
         vsn: tuple[int, ...] = DEFAULT_VSN,
         tcp_ping: Callable[[Address, Ping, float], Deferred[bool]] | None = None,
+        on_user_message: Callable[[bytes], None] | None = None,
     ) -> None:
         """``packet_overhead``: bytes the shell adds to each packet (encryption, label).
 
         ``tcp_ping(addr, ping, timeout)``: memberlist's fallback probe, a ping over a TCP
         stream; fires True if the matching ack came back within ``timeout``. Without
         it, probes are UDP only.
+
+        ``on_user_message(payload)``: a user message that came in a packet (memberlist's
+        ``NotifyMsg``); ``queue_user_message`` gossips one.
         """
         self.name = name
         self.profile = profile
@@ -233,6 +239,7 @@ class SwimNode:
         self._on_event = on_event
         self._request_push_pull = request_push_pull
         self._tcp_ping = tcp_ping
+        self._on_user_message = on_user_message
         self._rng = rng
         self._size_of = size_of
         self._packet_overhead = packet_overhead
@@ -245,6 +252,11 @@ class SwimNode:
         self._incarnation = 0
         self._awareness = Awareness(profile.awareness_max_multiplier)
         self._broadcasts = TransmitLimitedQueue(profile.retransmit_mult, self._num_nodes, size_of)
+        # User messages go in the room membership news leaves, as memberlist's delegate
+        # broadcasts do: they never hold up news of who is alive.
+        self._user_broadcasts = TransmitLimitedQueue(
+            profile.retransmit_mult, self._num_nodes, size_of
+        )
         self._suspicions: dict[str, SuspicionTimer] = {}
         # When we last told an accuser (by accuser and member) that its suspect is dead.
         self._corrections: dict[tuple[str, str], float] = {}
@@ -657,7 +669,10 @@ class SwimNode:
                 self._suspect_node(message)
             case Dead():
                 self._dead_node(message)
-            case ErrResp() | UserMsg() | PushPull():
+            case UserMsg():
+                if self._on_user_message is not None:
+                    self._on_user_message(message.payload)
+            case ErrResp() | PushPull():
                 pass
 
     def _reply_address(self, addr: bytes, port: int, from_addr: Address) -> Address:
@@ -973,7 +988,7 @@ class SwimNode:
     # -- gossip and sending -----------------------------------------------------------
 
     def _gossip(self) -> None:
-        if not len(self._broadcasts):
+        if not len(self._broadcasts) and not len(self._user_broadcasts):
             # Nothing to say: skip choosing peers (memberlist chooses, then says nothing).
             return
         now = self._clock.seconds()
@@ -990,7 +1005,7 @@ class SwimNode:
         peers = self._random_members(self.profile.gossip_nodes, wanted)
         budget = self.profile.udp_buffer_size - COMPOUND_HEADER_OVERHEAD - self._packet_overhead
         for peer in peers:
-            messages = self._broadcasts.get_broadcasts(COMPOUND_OVERHEAD, budget)
+            messages = self._take_broadcasts(budget)
             if not messages:
                 return
             self._send_packet(peer.address, messages)
@@ -1001,8 +1016,21 @@ class SwimNode:
         budget = (
             self.profile.udp_buffer_size - used - COMPOUND_HEADER_OVERHEAD - self._packet_overhead
         )
-        piggyback = self._broadcasts.get_broadcasts(COMPOUND_OVERHEAD, budget)
+        piggyback = self._take_broadcasts(budget)
         self._send_packet(addr, [message, *extra, *piggyback])
+
+    def _take_broadcasts(self, budget: int) -> list[Message]:
+        """Queued membership news that fits in ``budget`` bytes, then user messages."""
+        messages = self._broadcasts.get_broadcasts(COMPOUND_OVERHEAD, budget)
+        if len(self._user_broadcasts):
+            used = sum(self._size_of(m) + COMPOUND_OVERHEAD for m in messages)
+            messages += self._user_broadcasts.get_broadcasts(COMPOUND_OVERHEAD, budget - used)
+        return messages
+
+    def queue_user_message(self, payload: bytes) -> None:
+        """Gossip ``payload`` as a memberlist user message, a limited number of times."""
+        self._user_broadcasts.queue(None, UserMsg(payload))
+        self._user_broadcasts.prune(MAX_USER_BROADCASTS)
 
     def _send_packet(self, addr: Address, messages: list[Message]) -> None:
         for m in messages:

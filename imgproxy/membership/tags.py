@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from imgproxy.membership.events import UserEvent, decode_recent, encode_recent
 from imgproxy.membership.wire import MsgpackMap, WireError, pack_value, unpack_value
 
 __all__ = [
@@ -72,11 +73,12 @@ SERF_PUSH_PULL_TYPE = 2
 
 @attrs.frozen
 class SerfState:
-    """serf's push-pull user state (``messagePushPull``) without its event buffer.
+    """serf's push-pull user state (``messagePushPull``).
 
     A member that sends none makes serf log ``Remote state is zero bytes`` on every
     push-pull. ``ltime`` is serf's Lamport clock; ``status_ltimes`` maps each member to the
-    Lamport time of its last join intent; ``left_members`` are members that left.
+    Lamport time of its last join intent; ``left_members`` are members that left;
+    ``event_ltime`` is the user events' clock and ``events`` the recent user events.
     """
 
     ltime: int = 1
@@ -84,13 +86,14 @@ class SerfState:
     left_members: tuple[str, ...] = ()
     event_ltime: int = 1
     query_ltime: int = 1
+    events: tuple[UserEvent, ...] = ()
 
 
 def encode_serf_state(state: SerfState) -> bytes:
     """The push-pull user state serf's delegate writes: type 2, then its msgpack struct."""
     body = {
         "EventLTime": state.event_ltime,
-        "Events": None,
+        "Events": encode_recent(state.events) or None,
         "LTime": state.ltime,
         "LeftMembers": list(state.left_members),
         "QueryLTime": state.query_ltime,
@@ -108,7 +111,7 @@ def _ltime(value: object, what: str) -> int:
 
 
 def decode_serf_state(data: bytes) -> SerfState:
-    """Read serf's push-pull user state (its events are skipped); :class:`WireError` if bad."""
+    """Read serf's push-pull user state; :class:`WireError` if bad."""
     if not data or data[0] != SERF_PUSH_PULL_TYPE:
         raise WireError("not a serf push-pull state")
     value, _ = unpack_value(data, 1)
@@ -129,4 +132,5 @@ def decode_serf_state(data: bytes) -> SerfState:
         left_members=tuple(_text(name, "left member") for name in left),
         event_ltime=_ltime(fields.get("EventLTime"), "EventLTime"),
         query_ltime=_ltime(fields.get("QueryLTime"), "QueryLTime"),
+        events=decode_recent(fields.get("Events")),
     )

@@ -20,6 +20,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from imgproxy.membership.events import UserEvent, decode_user_event, encode_user_event
 from imgproxy.membership.keyring import Keyring
 from imgproxy.membership.messages import (
     AckResp,
@@ -31,6 +32,7 @@ from imgproxy.membership.messages import (
     Ping,
     PushNodeState,
     PushPull,
+    UserMsg,
 )
 from imgproxy.membership.profiles import LAN
 from imgproxy.membership.service import (
@@ -39,7 +41,12 @@ from imgproxy.membership.service import (
     MembershipService,
     resolve_all,
 )
-from imgproxy.membership.tags import encode_tags
+from imgproxy.membership.tags import (
+    SerfState,
+    decode_serf_state,
+    encode_serf_state,
+    encode_tags,
+)
 from imgproxy.membership.wire import (
     StreamDecoder,
     add_crc,
@@ -361,6 +368,69 @@ class EncryptedInboundStreamTests(InboundStreamTests):
         self.assertEqual(transport.value(), b"")
         self.assertTrue(transport.disconnected)
         self.assertEqual(set(self.names()), {"me"})
+
+
+class UserEventTests(Started):
+    """serf's user events: delivered once, gossiped on, carried in push-pulls."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.delivered: list[UserEvent] = []
+        self.service.on_user_event(self.delivered.append)
+        self.protocol.datagramReceived(datagram(peer_alive()), PEER)
+
+    def gossiped_events(self) -> list[UserEvent]:
+        return [decode_user_event(m.payload) for _, m in sent_messages(self.udp)
+                if isinstance(m, UserMsg)]
+
+    def gossip_rounds(self, rounds: int = 3) -> None:
+        for _ in range(rounds):
+            self.reactor.advance(self.service.profile.gossip_interval)
+
+    def test_an_event_from_a_member_is_delivered_once_and_passed_on(self) -> None:
+        event = UserEvent(5, "imgproxy-purge", b"k" * 64)
+        for _ in range(3):  # gossip brings it several times
+            self.protocol.datagramReceived(datagram(UserMsg(encode_user_event(event))), PEER)
+        self.assertEqual(self.delivered, [event])
+        self.gossip_rounds()
+        self.assertIn(event, self.gossiped_events())
+        self.assertEqual(self.service.events.time, 6)
+
+    def test_an_event_sent_here_is_delivered_here_and_gossiped(self) -> None:
+        event = self.service.send_user_event("imgproxy-purge", b"k" * 64)
+        self.assertEqual(self.delivered, [event])
+        self.gossip_rounds()
+        self.assertIn(event, self.gossiped_events())
+
+    def test_an_event_too_large_for_a_datagram_is_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            self.service.send_user_event("imgproxy-purge", b"u" * 600)
+        self.assertEqual(self.delivered, [])
+
+    def test_serfs_other_messages_are_ignored_and_broken_events_dropped(self) -> None:
+        join_intent = bytes([1]) + b"\x82\xa5LTime\x01\xa4Node\xa1x"
+        self.protocol.datagramReceived(datagram(UserMsg(join_intent)), PEER)
+        self.assertEqual(self.service.counters.dropped, 0)
+        self.protocol.datagramReceived(datagram(UserMsg(bytes([3]) + b"\x93")), PEER)
+        self.assertEqual(self.service.counters.dropped, 1)
+        self.assertEqual(self.delivered, [])
+
+    def test_the_recent_events_go_out_in_our_push_pull_state(self) -> None:
+        event = self.service.send_user_event("imgproxy-purge", b"k" * 64)
+        state = decode_serf_state(self.service.local_state(join=False).user_state)
+        self.assertEqual((state.events, state.event_ltime), ((event,), event.ltime + 1))
+
+    def test_events_missed_while_away_arrive_in_a_push_pull_once(self) -> None:
+        missed = (UserEvent(30, "imgproxy-purge", b"a" * 64), UserEvent(31, "deploy", b""))
+        user_state = encode_serf_state(SerfState(event_ltime=40, events=missed))
+        remote = PushPull(join=False, states=(peer_state(),), user_state=user_state)
+        self.service.merge(remote)
+        self.service.merge(remote)
+        self.assertEqual(self.delivered, list(missed))
+        self.assertEqual(self.service.events.time, 40)
+        # Learnt in a push-pull, not gossiped again: every member gets them that way.
+        self.gossip_rounds()
+        self.assertEqual(self.gossiped_events(), [])
 
 
 class OutboundPushPullTests(Started):

@@ -3,15 +3,45 @@
 Pure bookkeeping, fed by membership events. Gateways route with ``current``;
 a worker that newly owns a key asks the key's owner under ``previous`` (a
 worker that still has it, or one that left gracefully and lingers) before the
-origin.
+origin. Also the purge event every gateway gossips, which every worker applies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable
 
+from imgproxy.errors import ProxyError
+from imgproxy.params import check_source_url, source_key_of
 from imgproxy.placement import Placement, WorkerRef
+
+#: The serf user event a gateway gossips for every purge, so that every member keeps
+#: it among its recent events and a worker that was away applies it when it is back.
+PURGE_EVENT = "imgproxy-purge"
+_SOURCE_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def purge_event_payload(url: str) -> bytes:
+    """The source's key: a URL may be far longer than a gossip datagram holds."""
+    return source_key_of(url).encode("ascii")
+
+
+def purged_source_key(payload: bytes) -> str | None:
+    """The source key a purge event names, or None.
+
+    Gateways send the key; an operator may send the URL itself, with
+    ``serf event imgproxy-purge https://...`` on any serf agent of the cluster.
+    """
+    text = payload.decode("utf-8", "replace").strip()
+    if _SOURCE_KEY.fullmatch(text):
+        return text
+    if text.startswith(("http://", "https://")):
+        try:
+            return source_key_of(check_source_url(text))
+        except ProxyError:
+            return None
+    return None
 
 
 class ClusterView:

@@ -224,7 +224,12 @@ def build_node(config: Config, reactor: Any) -> MultiService:
     """
     from twisted.application import strports
 
-    from imgproxy.cluster import ClusterView, key_shares
+    from imgproxy.cluster import (
+        PURGE_EVENT,
+        ClusterView,
+        key_shares,
+        purge_event_payload,
+    )
     from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
     from imgproxy.metrics import NodeMetrics
     from imgproxy.web.public import ImageResource
@@ -270,7 +275,19 @@ def build_node(config: Config, reactor: Any) -> MultiService:
         from imgproxy.gateway.router import ClusterBackend
         from imgproxy.placement import BoundedLoad
 
-        backend = ClusterBackend(view, client, BoundedLoad(config.load_epsilon), reactor, metrics)
+        assert membership is not None
+
+        def announce_purge(url: str) -> None:
+            membership.send_user_event(PURGE_EVENT, purge_event_payload(url))
+
+        backend = ClusterBackend(
+            view,
+            client,
+            BoundedLoad(config.load_epsilon),
+            reactor,
+            metrics,
+            announce_purge=announce_purge,
+        )
     else:
         from imgproxy.worker.handoff import PeerHandoff
         from imgproxy.worker.internal import internal_api
@@ -339,6 +356,13 @@ def build_node(config: Config, reactor: Any) -> MultiService:
         from imgproxy.membership.service import watch_workers
 
         watch_workers(membership, view)
+        if images is not None:
+            from imgproxy.worker.purges import GossipedPurges
+
+            # Purges gossiped by the gateways, and those missed while away.
+            purges = GossipedPurges(images.purge_source_key, membership.events, config.cache_dir)
+            purges.resume()
+            membership.on_user_event(purges)
         if config.role == "worker":
             # Stopped before the listener: the worker stays reachable a moment after
             # leaving, so the new owners of its keys can still pull them.

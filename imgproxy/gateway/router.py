@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -49,8 +50,12 @@ class ClusterBackend:
         bounded: BoundedLoad,
         clock: IReactorTime,
         metrics: NodeMetrics,
+        announce_purge: Callable[[str], object] | None = None,
     ) -> None:
+        """``announce_purge(url)``: gossips the purge to every member (a serf user
+        event), which keeps it among its recent events for workers that are away."""
         self.view = view
+        self._announce_purge = announce_purge
         self._client = client
         self._bounded = bounded
         self._clock = clock
@@ -196,6 +201,12 @@ class ClusterBackend:
         later first gets this gateway's last ``RECENT_PURGES`` purges.
         """
         source_key = source_key_of(url)
+        if self._announce_purge is not None:
+            try:
+                self._announce_purge(url)
+            except Exception:
+                # The direct purges below still run; only the gossiped copy is lost.
+                self._log.failure("announcing the purge of {url} failed", url=url)
         self._recent_purges.pop(url, None)
         self._recent_purges[url] = None
         if len(self._recent_purges) > RECENT_PURGES:

@@ -96,7 +96,10 @@ class ImageService:
 
     def purge_source(self, url: str) -> int:
         """Remove the source and every cached variant of ``url``; returns how many."""
-        source_key = source_key_of(url)
+        return self.purge_source_key(source_key_of(url))
+
+    def purge_source_key(self, source_key: str) -> int:
+        """``purge_source`` by the source's key (what a gossiped purge names)."""
         self._purges += 1
         self._last_purge.pop(source_key, None)
         self._last_purge[source_key] = self._purges

@@ -156,6 +156,25 @@ class ClusterBackendTests(SynchronousTestCase):
         self.successResultOf(self.backend.purge(SPEC.url))
         self.assertEqual(sorted(self.workers.purged), [w.name for w in WORKERS])
 
+    def test_every_purge_is_announced_to_the_cluster_reached_or_not(self) -> None:
+        announced: list[str] = []
+        backend = ClusterBackend(self.view, self.workers, BoundedLoad(0.25), self.clock,
+                                 NodeMetrics(), announce_purge=announced.append)
+        self.successResultOf(backend.purge(SPEC.url))
+        self.workers.behaviour[self.order[0]] = WorkerUnavailable(WORKERS[0], "timeout")
+        self.failureResultOf(backend.purge("http://origin.test/b.jpg"), ProxyError)
+        self.assertEqual(announced, [SPEC.url, "http://origin.test/b.jpg"])
+
+    def test_a_failed_announcement_does_not_stop_the_purge(self) -> None:
+        def broken(url: str) -> None:
+            raise ValueError("gossip is down")
+
+        backend = ClusterBackend(self.view, self.workers, BoundedLoad(0.25), self.clock,
+                                 NodeMetrics(), announce_purge=broken)
+        self.successResultOf(backend.purge(SPEC.url))
+        self.assertEqual(sorted(self.workers.purged), [w.name for w in WORKERS])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_a_worker_that_missed_a_purge_serves_nothing_until_it_applied_it(self) -> None:
         owner = self.order[0]
         self.workers.behaviour[owner] = WorkerUnavailable(WORKERS[0], "timeout")

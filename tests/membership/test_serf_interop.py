@@ -15,21 +15,26 @@ from __future__ import annotations
 import base64
 import ctypes
 import ctypes.util
+import hashlib
+import hmac
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.processes import (
     ImgproxyProcess,
+    Reply,
     cluster_flags,
     free_port,
     loopback_address,
@@ -69,8 +74,10 @@ class SerfAgent:
     """One ``serf agent`` on its own loopback address; only ever signalled by its pid."""
 
     def __init__(self, name: str, base_dir: Path, *, key: str | None = None,
-                 join: Sequence[str] = (), tags: dict[str, str] | None = None) -> None:
+                 join: Sequence[str] = (), tags: dict[str, str] | None = None,
+                 extra: Sequence[str] = ()) -> None:
         self.name = name
+        self.extra = list(extra)
         self.addr = loopback_address()
         self.port = free_port(self.addr, udp=True)
         self.rpc = f"{self.addr}:{free_port(self.addr)}"
@@ -93,6 +100,7 @@ class SerfAgent:
             argv += ["-encrypt", self.key]
         for seed in self.join:
             argv += ["-retry-join", seed, "-retry-interval", "1s"]
+        argv += self.extra
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT,
@@ -112,6 +120,11 @@ class SerfAgent:
                               capture_output=True, text=True, timeout=30)
         return done.returncode == 0
 
+    def send_event(self, name: str, payload: str) -> None:
+        """``serf event``: a user event, gossiped to every member."""
+        subprocess.run([SERF, "event", "-rpc-addr", self.rpc, name, payload],
+                       capture_output=True, text=True, timeout=10, check=True)
+
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.kill(self._process.pid, signal.SIGKILL)
@@ -126,11 +139,11 @@ class OurNode:
     """One of our nodes as a real twistd process, and what its /health says."""
 
     def __init__(self, name: str, role: str, base_dir: Path, *, key: str | None = None,
-                 join: Sequence[str] = ()) -> None:
+                 join: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
         self.name = name
         self.addr = loopback_address()
         self.port = free_port(self.addr, udp=True)
-        args = ["--role", role, *cluster_flags(self.addr, self.port, name)]
+        args = ["--role", role, *cluster_flags(self.addr, self.port, name), *extra]
         if join:
             args += ["--join", ",".join(join)]
         if key:
@@ -275,3 +288,89 @@ class WrongKeyTests(InteropCase):
         self.assertFalse(s1.join_now(o1.gossip))
         self.assertEqual(statuses(o1), {"o1": "alive"})
         self.assertEqual(statuses(s1), {"s1": "alive"})
+
+
+class StaticOrigin:
+    """``python -m http.server`` on 127.0.0.1 over a folder of small JPEGs."""
+
+    def __init__(self, base_dir: Path, names: Sequence[str]) -> None:
+        from PIL import Image
+
+        self.folder = base_dir / "origin"
+        self.folder.mkdir()
+        for n, name in enumerate(names):
+            Image.new("RGB", (40, 30), (40 * n, 90, 200)).save(self.folder / name, "JPEG")
+        self.port = free_port("127.0.0.1")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+             "--directory", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+        self._process.wait()
+
+
+class PurgeEventTests(InteropCase):
+    """Purges travel as serf user events: from serf agents to ours and back, and a node
+    that was away gets the ones it missed from the recent events of a push-pull."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.origin = StaticOrigin(self.base, ["a.jpg", "b.jpg"])
+        self.addCleanup(self.origin.kill)
+
+    def image(self, node: OurNode, name: str) -> Reply:
+        url = quote(self.origin.url(name), safe="")
+        return node.process.request(f"/image?url={url}&w=20", timeout=10)
+
+    def cached(self, node: OurNode, name: str) -> None:
+        """Ask until the node has the image: a MISS, then a HIT."""
+        wait_for(f"{node.name} serves {name}", lambda: self.image(node, name).status == 200)
+        self.assertEqual(self.image(node, name).header("x-cache"), "HIT")
+
+    def test_a_serf_event_purges_our_cache_and_one_sent_while_we_were_away_too(self) -> None:
+        s1 = self.serf("s1")
+        s1.start()
+        o1 = self.our("o1", "standalone", join=[s1.gossip], extra=["--allow-private-sources"])
+        start_all([o1.process])
+        self.wait_views([s1, o1], {"s1": "alive", "o1": "alive"}, "s1 and o1 see each other")
+        self.cached(o1, "a.jpg")
+        self.cached(o1, "b.jpg")
+
+        # By URL, as an operator types it: purged within gossip's reach.
+        s1.send_event("imgproxy-purge", self.origin.url("a.jpg"))
+        wait_for("o1 purged a.jpg", lambda: self.image(o1, "a.jpg").header("x-cache") == "MISS")
+        self.assertEqual(self.image(o1, "b.jpg").header("x-cache"), "HIT")
+
+        # By source key, as our gateways send it, while o1 is down; it comes back on
+        # the same disk cache and gets the event from s1's recent events as it joins.
+        o1.process.stop()
+        key = hashlib.sha256(self.origin.url("b.jpg").encode()).hexdigest()
+        s1.send_event("imgproxy-purge", key)
+        start_all([o1.process])
+        self.wait_views([s1, o1], {"s1": "alive", "o1": "alive"}, "o1 is back")
+        self.assertEqual(self.image(o1, "b.jpg").header("x-cache"), "MISS")
+        self.assertEqual(self.image(o1, "a.jpg").header("x-cache"), "HIT")
+
+    def test_a_gateways_purge_reaches_serf_event_handlers(self) -> None:
+        received = self.base / "events.txt"
+        s1 = self.serf("s1", extra=["-event-handler", f"user:imgproxy-purge=cat >> {received}"])
+        s1.start()
+        signing_key = "k" * 32
+        o1 = self.our("o1", "gateway", join=[s1.gossip], extra=["--signing-key", signing_key])
+        start_all([o1.process])
+        self.wait_views([s1, o1], {"s1": "alive", "o1": "alive"}, "s1 and o1 see each other")
+
+        url = self.origin.url("a.jpg")
+        query = f"url={quote(url, safe='')}"
+        sig = hmac.new(signing_key.encode(), query.encode(), hashlib.sha256).hexdigest()
+        reply = o1.process.request(f"/image?{query}&sig={sig}", method="DELETE", timeout=10)
+        self.assertEqual(reply.status, 503)  # no worker to purge now: it is announced anyway
+        key = hashlib.sha256(url.encode()).hexdigest()
+        wait_for("s1's event handler got the purge",
+                 lambda: received.exists() and key in received.read_text())

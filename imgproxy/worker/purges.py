@@ -1,0 +1,71 @@
+"""Purges gossiped by the gateways, applied to this node's cache exactly once.
+
+Every gateway gossips each purge as a serf user event (``PURGE_EVENT``), and every
+member keeps the recent ones and hands them over in push-pulls. So a worker that
+was down or cut off when a source was purged gets the purge when it is back. To
+apply only the purges it missed, and not every recent one again after each
+restart, it keeps the event clock it has reached in its cache directory, as
+serf's snapshot does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from imgproxy.cluster import PURGE_EVENT, purged_source_key
+from imgproxy.membership.events import EventLog, UserEvent
+
+#: The file, in the cache directory, that holds the event clock reached.
+EVENT_CLOCK_FILE = "event-clock"
+
+
+class GossipedPurges:
+    """A user event listener that purges what purge events name from the cache."""
+
+    _log = Logger()
+
+    def __init__(
+        self, purge_source_key: Callable[[str], object], events: EventLog, cache_dir: str
+    ) -> None:
+        self._purge_source_key = purge_source_key
+        self._events = events
+        self._path = os.path.join(cache_dir, EVENT_CLOCK_FILE)
+
+    def resume(self) -> None:
+        """Skip the events handled before a restart (none after a fresh start)."""
+        try:
+            with open(self._path, "rb") as saved:
+                clock = int(saved.read(32).strip() or b"0")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as error:
+            # Then every recent purge is applied again: a few re-fetches, nothing served stale.
+            self._log.warn("cannot read {path} ({error}): recent purges are applied again",
+                           path=self._path, error=error)
+            return
+        if clock > 0:
+            self._events.resume(clock)
+
+    def __call__(self, event: UserEvent) -> None:
+        if event.name != PURGE_EVENT:
+            return
+        key = purged_source_key(event.payload)
+        if key is None:
+            self._log.info("ignoring a purge event that names no source: {payload!r}",
+                           payload=event.payload[:100])
+            return
+        self._purge_source_key(key)
+        self._save(self._events.time)
+
+    def _save(self, clock: int) -> None:
+        temporary = f"{self._path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(b"%d\n" % clock)
+            os.replace(temporary, self._path)
+        except OSError as error:
+            self._log.warn("cannot save the event clock in {path}: {error}",
+                           path=self._path, error=error)

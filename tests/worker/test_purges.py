@@ -1,0 +1,81 @@
+"""Gossiped purges: applied to the cache once, and not again after a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from imgproxy.cluster import PURGE_EVENT, purge_event_payload, purged_source_key
+from imgproxy.membership.events import EventLog, UserEvent
+from imgproxy.worker.purges import EVENT_CLOCK_FILE, GossipedPurges
+
+URL = "http://origin.test/a.jpg"
+KEY = hashlib.sha256(URL.encode()).hexdigest()
+
+
+class PurgeEventPayloadTests(SynchronousTestCase):
+    def test_gateways_send_the_source_key(self) -> None:
+        self.assertEqual(purge_event_payload(URL), KEY.encode())
+        self.assertEqual(purged_source_key(purge_event_payload(URL)), KEY)
+
+    def test_an_operator_may_send_the_url(self) -> None:
+        self.assertEqual(purged_source_key(URL.encode()), KEY)
+        self.assertEqual(purged_source_key(b"  " + URL.encode() + b"\n"), KEY)
+
+    def test_anything_else_names_no_source(self) -> None:
+        for payload in (b"", b"a.jpg", KEY.upper().encode(), KEY[:-1].encode(),
+                        b"ftp://origin.test/a.jpg", b"http://", b"\xff\xfe"):
+            self.assertIsNone(purged_source_key(payload), payload)
+
+
+class GossipedPurgesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cache_dir = self.mktemp()
+        os.makedirs(self.cache_dir)
+        self.purged: list[str] = []
+
+    def node(self) -> tuple[GossipedPurges, EventLog]:
+        """A node's purge listener as a (re)start builds it."""
+        events = EventLog()
+        purges = GossipedPurges(self.purged.append, events, self.cache_dir)
+        purges.resume()
+        return purges, events
+
+    def deliver(self, purges: GossipedPurges, events: EventLog, event: UserEvent) -> None:
+        """What the membership service does with an event: record, then tell listeners."""
+        if events.record(event):
+            purges(event)
+
+    def test_a_purge_event_purges_its_source_and_other_events_are_ignored(self) -> None:
+        purges, events = self.node()
+        self.deliver(purges, events, UserEvent(3, "deploy", KEY.encode()))
+        self.deliver(purges, events, UserEvent(4, PURGE_EVENT, b"not a source"))
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
+        self.assertEqual(self.purged, [KEY])
+
+    def test_after_a_restart_only_the_purges_missed_meanwhile_are_applied(self) -> None:
+        old = UserEvent(5, PURGE_EVENT, KEY.encode())
+        purges, events = self.node()
+        self.deliver(purges, events, old)
+        self.purged.clear()
+        # Back after a restart: a push-pull brings the recent events, old and new.
+        missed = UserEvent(9, PURGE_EVENT, purge_event_payload("http://origin.test/b.jpg"))
+        purges, events = self.node()
+        for event in (old, missed):
+            self.deliver(purges, events, event)
+        self.assertEqual(self.purged, [purged_source_key(missed.payload)])
+
+    def test_an_unreadable_clock_applies_every_recent_purge_again(self) -> None:
+        with open(os.path.join(self.cache_dir, EVENT_CLOCK_FILE), "wb") as broken:
+            broken.write(b"garbage")
+        purges, events = self.node()
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
+        self.assertEqual(self.purged, [KEY])
+
+    def test_a_cache_directory_that_cannot_be_written_costs_a_warning_only(self) -> None:
+        missing = os.path.join(self.cache_dir, "x", "y")
+        purges = GossipedPurges(self.purged.append, EventLog(), missing)
+        purges(UserEvent(5, PURGE_EVENT, KEY.encode()))
+        self.assertEqual(self.purged, [KEY])

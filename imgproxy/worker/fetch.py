@@ -15,11 +15,14 @@ origin says so, 413 for too many bytes, 504 for too slow, 502 for the rest.
 from __future__ import annotations
 
 import ipaddress
+import re
+import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
 
 import attrs
+import idna
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
@@ -66,6 +69,11 @@ if TYPE_CHECKING:
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 OK_STATUSES = frozenset({200, 203})
 NOT_FOUND_STATUSES = frozenset({404, 410})
+#: Content codings an origin may send though asked for none ("identity"), as some
+#: servers do for any file: undone here, as browsers and darthsim's imgproxy do.
+DECODED_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+                   "deflate": zlib.MAX_WBITS}
+_WHOLE_RANGE = re.compile(rb"\s*bytes\s+0-(\d+)/(\d+)\s*")
 # What an answer may add to the body limit before the connection is dropped:
 # room for headers and chunk framing, which Twisted's parser holds in memory.
 RESPONSE_OVERHEAD = 1 << 20
@@ -113,8 +121,13 @@ def request_url(url: str) -> bytes:
         ascii_host = f"[{literal.compressed}]"
     else:
         try:
-            ascii_host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            # IDNA 2008 with UTS 46 mapping, as browsers and curl do: Python's own
+            # "idna" codec (IDNA 2003) turns "faß.de" into another domain, "fass.de".
+            if host.isascii():
+                ascii_host = host.encode("idna").decode("ascii")  # checks the labels
+            else:
+                ascii_host = idna.encode(host, uts46=True).decode("ascii")
+        except (UnicodeError, idna.IDNAError):
             raise ProxyError(502, f"the host name {host!r} cannot be encoded") from None
     netloc = ascii_host if parts.port is None else f"{ascii_host}:{parts.port}"
     path = quote(parts.path or "/", safe=_PATH_SAFE)
@@ -402,6 +415,62 @@ def _describe_failure(error: BaseException) -> ProxyError | None:
     return None
 
 
+def _whole_range(response: IResponse) -> bool:
+    """A 206 whose ``Content-Range`` is the whole representation: as good as a 200."""
+    ranges = response.headers.getRawHeaders(b"content-range")
+    matched = _WHOLE_RANGE.fullmatch(ranges[-1]) if ranges else None
+    if matched is None:
+        return False
+    last, total = int(matched[1]), int(matched[2])
+    return last + 1 == total and response.length in (total, UNKNOWN_LENGTH)
+
+
+def _decoded(body: bytes, headers: Headers, limit: int) -> bytes:
+    """The body with its gzip or deflate content coding undone (at most ``limit`` bytes)."""
+    codings = [
+        coding.strip().lower()
+        for value in headers.getRawHeaders(b"content-encoding", [])
+        for coding in value.decode("latin-1").split(",")
+    ]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in DECODED_CODINGS:
+        raise ProxyError(502, f"the origin sent the image in a content coding "
+                              f"({', '.join(codings)}) though asked for none")
+    if not body:
+        return body
+    wbits = DECODED_CODINGS[codings[0]]
+    attempts = [wbits, -zlib.MAX_WBITS] if codings[0] == "deflate" else [wbits]
+    for bits in attempts:  # "deflate" is zlib-wrapped by the RFC, raw by some servers
+        inflater = zlib.decompressobj(bits)
+        try:
+            # One byte past the limit tells "too large" from "exactly the limit".
+            decoded = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(decoded) > limit:
+            raise _too_large(limit)
+        if not inflater.eof:
+            raise ProxyError(502, f"the origin sent a truncated {codings[0]} body")
+        return decoded
+    # Labelled but not compressed (a server that labels every file): the bytes as sent.
+    return body
+
+
+def _location_text(raw: bytes) -> str:
+    """A ``Location`` as browsers follow it: spaces, controls and bytes that are not
+    UTF-8 percent-encoded, instead of refused."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return quote(raw, safe=_PRINTABLE_ASCII)
+    return "".join(c if not c.isascii() or c in _PRINTABLE_ASCII else quote(c) for c in text)
+
+
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
 class SourceFetcher:
     """Downloads source images over HTTP(S), within the address policy and limits.
 
@@ -515,8 +584,9 @@ class SourceFetcher:
         while True:
             response = await self._get(current)
             code = response.code
-            if code in OK_STATUSES:
-                body = await self._read_body(response)
+            if code in OK_STATUSES or (code == 206 and _whole_range(response)):
+                body = _decoded(await self._read_body(response), response.headers,
+                                self._limits.max_bytes)
                 types = response.headers.getRawHeaders(b"content-type")
                 content_type = types[-1].decode("latin-1") if types else None
                 return FetchedSource(url=current, body=body, content_type=content_type)
@@ -539,10 +609,7 @@ class SourceFetcher:
         locations = headers.getRawHeaders(b"location")
         if not locations:
             raise ProxyError(502, f"the origin answered {code} without a Location")
-        try:
-            location = locations[-1].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise ProxyError(502, "the origin redirected to a Location that is not UTF-8") from None
+        location = _location_text(locations[-1].strip())
         try:
             target = check_source_url(urljoin(current, location))
         except ProxyError as e:

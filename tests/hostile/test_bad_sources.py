@@ -237,14 +237,21 @@ class BrokenSourceTests(BadSourceTestCase):
         self.assertLess(await flood.closed, 4 * MAX_SOURCE_BYTES)
         self.assertLess(await endless_line.closed, 4 * MAX_SOURCE_BYTES)
 
-    async def test_a_compressed_body_is_not_inflated(self) -> None:
-        # Asked for identity, sent gzip anyway: the bytes are not an image, and a zip bomb
-        # would never be inflated.
+    async def test_a_compressed_body_is_inflated_but_a_bomb_only_up_to_the_byte_limit(
+        self,
+    ) -> None:
+        # Asked for identity, sent gzip anyway (as some servers do): the image is served.
         body = gzip.compress(noise_png(20, 20, seed=9))
         self.origin.origin.add("/zipped.png", body, "image/png",
                                headers={"Content-Encoding": "gzip"})
         reply = await self.get("/zipped.png")
-        assert_json_error(reply, 415)
+        self.assertEqual(reply.status, 200)
+        # A zip bomb is inflated no further than the byte limit: 413.
+        bomb = gzip.compress(b"\0" * (4 * MAX_SOURCE_BYTES))
+        self.assertLess(len(bomb), MAX_SOURCE_BYTES // 100)
+        self.origin.origin.add("/bomb.png", bomb, "image/png",
+                               headers={"Content-Encoding": "gzip"})
+        assert_json_error(await self.get("/bomb.png"), 413)
 
     async def test_redirect_loops_and_long_chains_get_502(self) -> None:
         loop = self.origin.redirect_loop()

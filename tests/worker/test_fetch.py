@@ -8,6 +8,8 @@ advances it.
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -117,11 +119,51 @@ class FetchBasicsTests(LiveFetchTestCase):
         self.assertEqual(seen.header("accept-encoding"), "identity")
         self.assertIsNone(seen.header("cookie"))
 
-    async def test_a_compressed_body_is_passed_on_as_it_came(self) -> None:
-        gzipped = b"\x1f\x8b\x08\x00" + b"\x00" * 20
-        self.origin.add("/z", gzipped, "image/png", headers={"Content-Encoding": "gzip"})
-        result = await self.fetcher().fetch(self.origin.url("/z"))
-        self.assertEqual(result.body, gzipped)
+    async def test_a_body_compressed_though_asked_for_identity_is_decompressed(self) -> None:
+        # Servers that gzip every response (or serve a.png.gz as a.png) exist.
+        fetcher = self.fetcher()
+        raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        bodies = {
+            "gzip": gzip.compress(PNG),
+            "x-gzip": gzip.compress(PNG),
+            "deflate": zlib.compress(PNG),
+            "Deflate": raw_deflate.compress(PNG) + raw_deflate.flush(),  # what some send
+            "identity, gzip": gzip.compress(PNG),
+        }
+        for coding, body in bodies.items():
+            with self.subTest(coding=coding):
+                path = "/" + coding.replace(" ", "").replace(",", "-")
+                self.origin.add(path, body, "image/png", headers={"Content-Encoding": coding})
+                self.assertEqual((await fetcher.fetch(self.origin.url(path))).body, PNG)
+
+    async def test_a_body_labelled_compressed_that_is_not_is_passed_on_as_it_came(self) -> None:
+        self.origin.add("/z", PNG, "image/png", headers={"Content-Encoding": "gzip"})
+        self.assertEqual((await self.fetcher().fetch(self.origin.url("/z"))).body, PNG)
+
+    async def test_what_cannot_be_decompressed_within_the_limit_is_refused(self) -> None:
+        fetcher = self.fetcher(limits=FetchLimits(max_bytes=1 << 16, timeout=5.0))
+        self.origin.add("/bomb", gzip.compress(b"\0" * (1 << 20)), "image/png",
+                        headers={"Content-Encoding": "gzip"})
+        self.origin.add("/cut", gzip.compress(PNG * 40)[:-30], "image/png",
+                        headers={"Content-Encoding": "gzip"})
+        self.origin.add("/br", PNG, "image/png", headers={"Content-Encoding": "br"})
+        self.assertEqual((await self.fetch_error(fetcher, self.origin.url("/bomb"))).status, 413)
+        cut = await self.fetch_error(fetcher, self.origin.url("/cut"))
+        self.assertEqual(about(cut), (502, "the origin sent a truncated gzip body"))
+        br = await self.fetch_error(fetcher, self.origin.url("/br"))
+        self.assertEqual(br.status, 502)
+        self.assertIn("(br)", br.reason)
+
+    async def test_a_206_of_the_whole_image_is_the_image_and_any_other_is_502(self) -> None:
+        fetcher = self.fetcher()
+        whole = {"Content-Range": f"bytes 0-{len(PNG) - 1}/{len(PNG)}"}
+        self.origin.add("/whole", PNG, "image/png", status=206, headers=whole)
+        self.assertEqual((await fetcher.fetch(self.origin.url("/whole"))).body, PNG)
+        part = {"Content-Range": f"bytes 0-9/{len(PNG)}"}
+        self.origin.add("/part", PNG[:10], "image/png", status=206, headers=part)
+        self.assertEqual((await self.fetch_error(fetcher, self.origin.url("/part"))).status, 502)
+        self.origin.add("/bare", PNG, "image/png", status=206)
+        self.assertEqual((await self.fetch_error(fetcher, self.origin.url("/bare"))).status, 502)
 
     async def test_fragment_and_user_info_are_not_sent(self) -> None:
         self.origin.add("/a", PNG)
@@ -232,6 +274,15 @@ class RedirectTests(LiveFetchTestCase):
                 self.origin.redirect(f"/r{code}", "final", status=code)
                 result = await fetcher.fetch(self.origin.url(f"/r{code}"))
                 self.assertEqual(result.url, self.origin.url("/final"))
+
+    async def test_a_location_with_spaces_or_raw_bytes_is_followed_as_browsers_do(self) -> None:
+        fetcher = self.fetcher()
+        self.origin.add("/a%20b.png", PNG)
+        self.origin.add("/caf%E9.png", PNG)
+        self.origin.redirect("/spaced", "/a b.png")
+        self.origin.redirect("/latin1", "/caf\xe9.png")  # sent as Latin-1: the byte E9
+        self.assertEqual((await fetcher.fetch(self.origin.url("/spaced"))).body, PNG)
+        self.assertEqual((await fetcher.fetch(self.origin.url("/latin1"))).body, PNG)
 
     async def test_redirects_to_other_schemes_are_502(self) -> None:
         fetcher = self.fetcher()
@@ -642,6 +693,11 @@ class RequestURLTests(SynchronousTestCase):
 
     def test_empty_path_is_slash(self) -> None:
         self.assertEqual(request_url("https://a.test:8443"), b"https://a.test:8443/")
+
+    def test_international_names_are_idna_2008_as_in_browsers(self) -> None:
+        # IDNA 2003 would map the sharp s to "ss": another domain.
+        self.assertEqual(request_url("http://faß.test/"), b"http://xn--fa-hia.test/")
+        self.assertEqual(request_url("http://BÜCHER.test/"), b"http://xn--bcher-kva.test/")
 
     def test_unencodable_host_is_502(self) -> None:
         with self.assertRaises(ProxyError) as caught:

@@ -240,15 +240,30 @@ class NodeChannel(HTTPChannel):
         return bool(super().headerReceived(line))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        self.transport.write(raw_json_response(400, b"Bad Request", "malformed HTTP request"))
+        # Twisted answers too many or too large headers the same way as garbage.
+        if (
+            self._receivedHeaderCount > self.maxHeaders
+            or self._receivedHeaderSize > self.totalHeadersSize
+        ):
+            self.transport.write(
+                raw_json_response(
+                    431, b"Request Header Fields Too Large", "too many or too large headers"
+                )
+            )
+        else:
+            self.transport.write(raw_json_response(400, b"Bad Request", "malformed HTTP request"))
         self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.transport.write(
-            raw_json_response(
-                431, b"Request Header Fields Too Large", "request line or header too long"
+        # Before the request line is read (Twisted's private flag; 431 if it is gone),
+        # the long line is the request target: 414, as RFC 9110 15.5.15 and nginx have it.
+        if getattr(self, "_HTTPChannel__first_line", 0):
+            response = raw_json_response(414, b"URI Too Long", "the request line is too long")
+        else:
+            response = raw_json_response(
+                431, b"Request Header Fields Too Large", "a request header is too long"
             )
-        )
+        self.transport.write(response)
         self.loseConnection()
 
 

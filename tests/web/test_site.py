@@ -108,8 +108,14 @@ class ProtocolErrorTests(WireExchange):
         self.assertIn(b"\r\ncache-control: no-store\r\n", response)
         self.assertIn(b"\r\nx-content-type-options: nosniff\r\n", response)
 
-    def test_overlong_request_line_is_json_431(self) -> None:
-        self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 431)
+    def test_an_overlong_request_line_is_json_414(self) -> None:
+        self.assertJsonStatus(self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"), 414)
+
+    def test_an_overlong_header_or_too_many_headers_are_json_431(self) -> None:
+        long_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n"
+        self.assertJsonStatus(self.exchange(long_header), 431)
+        many = b"".join(b"X-%d: 1\r\n" % n for n in range(600))
+        self.assertJsonStatus(self.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"), 431)
 
     def test_a_worker_reads_the_longest_line_a_gateway_can_make_of_a_public_one(self) -> None:
         # A public line just under the limit, its URL all "/" (kept as is in a query),

@@ -79,6 +79,15 @@ def raw_query_of(request: Request) -> bytes:
     return request.uri.partition(b"?")[2]
 
 
+def header_list(request: Request, name: bytes) -> bytes | None:
+    """A list-valued header as one value: repeated lines joined, as RFC 9110 5.3
+    reads them (``getHeader`` gives only the last line)."""
+    values = request.requestHeaders.getRawHeaders(name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else b", ".join(values)
+
+
 def etag_matches(if_none_match: bytes, etag: str) -> bool:
     """RFC 9110 weak comparison of ``If-None-Match`` against our strong ETag."""
     wanted = etag.encode("ascii")
@@ -163,7 +172,7 @@ class ImageResource(JsonResource):
     def render_GET(self, request: Request) -> bytes | int:
         started = self._timer()
         try:
-            parsed = self._parse(raw_query_of(request), request.getHeader(b"accept"))
+            parsed = self._parse(raw_query_of(request), header_list(request, b"accept"))
         except ProxyError as error:
             self._metrics.count_request("image", error.status)
             return write_error(request, error)
@@ -215,7 +224,7 @@ class ImageResource(JsonResource):
         headers.setRawHeaders(b"x-cache", [cache_status])
         if parsed.varies_on_accept:
             headers.setRawHeaders(b"vary", [b"Accept"])
-        if_none_match = request.getHeader(b"if-none-match")
+        if_none_match = header_list(request, b"if-none-match")
         if if_none_match is not None and etag_matches(if_none_match, etag):
             request.setResponseCode(304)
             self._metrics.count_request("image", 304)

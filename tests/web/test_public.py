@@ -141,6 +141,25 @@ class ImageResourceTests(TestCase):
             self.assertNotIn(b"content-length", head, attempt)
 
     @inlineCallbacks
+    def test_repeated_list_headers_are_read_as_one_list(self):
+        # RFC 9110 5.3: two Accept (or If-None-Match) lines are one comma-separated list.
+        yield self.get(BASE)
+        target = self.url(BASE).removeprefix("http://proxy.example").encode()
+        response = exchange(
+            self.root,
+            b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+            b"If-None-Match: \"abc123\"\r\nIf-None-Match: \"other\"\r\n\r\n",
+        )
+        self.assertTrue(response.startswith(b"HTTP/1.1 304 "), response[:100])
+        auto = self.url(BASE + "&format=auto").removeprefix("http://proxy.example").encode()
+        exchange(
+            self.root,
+            b"GET " + auto + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Accept: image/webp\r\nAccept: text/html\r\n\r\n",
+        )
+        self.assertEqual(self.backend.served[-1].output_format, "webp")
+
+    @inlineCallbacks
     def test_format_auto_varies_on_accept(self):
         response, _ = yield self.get(BASE + "&format=auto", accept="image/webp,*/*")
         self.assertEqual(self.header(response, "vary"), "Accept")

@@ -133,10 +133,13 @@ def make_tls_authority(names: Iterable[str] = ("tls.test", "127.0.0.1")) -> TLSA
         .serial_number(x509.random_serial_number())
         .not_valid_before(validity[0])
         .not_valid_after(validity[1])
-        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
     )
+    if alternative_names:  # none: a certificate that names no host (no subjectAltName)
+        server_cert = server_cert.add_extension(
+            x509.SubjectAlternativeName(alternative_names), critical=False
+        )
+    server_cert = server_cert.sign(ca_key, hashes.SHA256())
     trust_root = Certificate.loadPEM(ca_cert.public_bytes(serialization.Encoding.PEM))
     server_options = _ServerTLSContext(key=server_key, certificate=server_cert)
     return TLSAuthority(trust_root=trust_root, server_options=server_options)

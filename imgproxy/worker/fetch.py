@@ -23,6 +23,10 @@ from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
 
 import attrs
 import idna
+from OpenSSL.SSL import VERIFY_FAIL_IF_NO_PEER_CERT, VERIFY_PEER
+from service_identity.exceptions import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
@@ -38,6 +42,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
+    IOpenSSLClientConnectionCreator,
     IProtocolFactory,
     IResolutionReceiver,
     IStreamClientEndpoint,
@@ -211,6 +216,53 @@ class _CappedFactory(WrappingFactory):
 
 
 @implementer(IStreamClientEndpoint)
+@implementer(IOpenSSLClientConnectionCreator)
+class _IdentityChecked:
+    """``optionsForClientTLS``, except for how a certificate that names no host at all
+    is taken: like one that names another host, a failed check. Twisted's own check
+    logs it as a bug, with a critical traceback, for any origin that sends one."""
+
+    _log = Logger()
+
+    def __init__(self, options: Any, service_id: Any) -> None:
+        self._options = options
+        self._service_id = service_id
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        verifier = self._verifier(tls_protocol)
+        connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT, verifier)
+        return connection
+
+    def _verifier(self, tls_protocol: Any) -> Any:
+        def verify(connection: Any, certificate: Any, error: int, depth: int, ok: int) -> bool:
+            if depth != 0 or not ok:
+                return bool(ok)  # only the leaf names the host; a broken chain is reported
+            try:
+                verify_service_identity(extract_patterns(certificate), [self._service_id], [])
+            except (VerificationError, CertificateError):
+                tls_protocol.failVerification(Failure())
+                return False
+            except Exception:
+                # An exception must not escape an OpenSSL callback.
+                self._log.failure("checking the origin's certificate failed")
+                return False
+            return True
+
+        return verify
+
+
+def identity_checked_tls(host: str, trust_root: IOpenSSLTrustRoot | None) -> Any:
+    """Client TLS options for ``host`` (a name, or an IP address literal)."""
+    options = optionsForClientTLS(host, trustRoot=trust_root)
+    try:
+        literal = parse_ip_literal(host)
+        service_id = IPAddress_ID(str(literal)) if literal is not None else DNS_ID(host)
+    except (ValueError, TypeError):
+        return options  # a name service_identity cannot check: Twisted's check as it is
+    return _IdentityChecked(options, service_id)
+
+
 class _CheckedEndpoint:
     """Resolve once, check every address, connect to a checked IP literal."""
 
@@ -277,7 +329,7 @@ class _CheckedEndpoint:
             endpoint = TCP6ClientEndpoint(reactor, str(ip), self._port, timeout=timeout)
         if self._tls:
             # The name, not the IP, goes into SNI and the certificate check.
-            options = optionsForClientTLS(self._host, trustRoot=self._factory.trust_root)
+            options = identity_checked_tls(self._host, self._factory.trust_root)
             endpoint = wrapClientTLS(options, endpoint)
         return endpoint
 

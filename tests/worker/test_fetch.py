@@ -494,6 +494,29 @@ class TLSTests(LiveFetchTestCase):
         )
         self.assertEqual(origin.hits["/a"], 0)
 
+    async def test_a_certificate_that_names_no_host_is_502_without_a_logged_error(self) -> None:
+        # No subjectAltName at all: Twisted's own check logged a critical traceback.
+        authority = make_tls_authority([])
+        origin = await self.start_origin("127.0.0.1", tls=authority)
+        origin.add("/a", PNG, "image/png")
+        self.resolver = StaticResolver({"tls.test": ["127.0.0.1"]})
+        fetcher = self.fetcher(tls_trust_root=authority.trust_root)
+        for url in (f"https://tls.test:{origin.port}/a", f"https://127.0.0.1:{origin.port}/a"):
+            error = await self.fetch_error(fetcher, url)
+            self.assertEqual(
+                about(error),
+                (502, "the TLS connection to the origin failed: "
+                      "its certificate is not valid for the host name"),
+            )
+        self.assertEqual(origin.hits["/a"], 0)
+
+    async def test_an_ip_address_certificate_is_checked_as_an_address(self) -> None:
+        authority = make_tls_authority(["127.0.0.1"])
+        origin = await self.start_origin("127.0.0.1", tls=authority)
+        origin.add("/a", PNG, "image/png")
+        fetcher = self.fetcher(tls_trust_root=authority.trust_root)
+        self.assertEqual((await fetcher.fetch(f"https://127.0.0.1:{origin.port}/a")).body, PNG)
+
 
 class ClockedOrigin:
     """Fetcher and origin on one MemoryReactorClock: no wall time, no real sockets."""

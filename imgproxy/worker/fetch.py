@@ -206,6 +206,8 @@ class _CappedConnection(ProtocolWrapper):
 
 class _CappedFactory(WrappingFactory):
     protocol = _CappedConnection
+    # One per connection: "Starting factory" twice per origin fetch would drown the log.
+    noisy = False
 
     def __init__(self, wrapped: IProtocolFactory, cap: int) -> None:
         super().__init__(wrapped)

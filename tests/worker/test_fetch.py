@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -173,6 +174,14 @@ class FetchBasicsTests(LiveFetchTestCase):
         [seen] = self.origin.requests
         self.assertIsNone(seen.header("authorization"))
         self.assertEqual(seen.header("host"), f"127.0.0.1:{self.origin.port}")
+
+    async def test_a_fetch_logs_nothing_about_its_connections(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.origin.add("/a", PNG)
+        await self.fetcher().fetch(self.origin.url("/a"))
+        self.assertEqual([formatEvent(e) for e in events if "factory" in formatEvent(e)], [])
 
     async def test_connection_is_reused(self) -> None:
         self.origin.add("/a", PNG)

@@ -201,6 +201,9 @@ class ClusterBackend:
         later first gets this gateway's last ``RECENT_PURGES`` purges.
         """
         source_key = source_key_of(url)
+        # Requests from now on are not joined to ones under way, which may bring
+        # back what is being purged.
+        self._variants.detach(source_key + "/")
         if self._announce_purge is not None:
             try:
                 self._announce_purge(url)

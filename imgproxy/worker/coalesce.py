@@ -34,14 +34,27 @@ class Coalescer(Generic[T]):
         if waiters is not None:
             waiters.append(mine)
             return mine
-        self._waiting[key] = [mine]
-        maybeDeferred(work).addBoth(self._finish, key)
+        waiters = self._waiting[key] = [mine]
+        maybeDeferred(work).addBoth(self._finish, key, waiters)
         return mine
 
-    def _finish(self, outcome: T | Failure, key: str) -> None:
+    def detach(self, prefix: str) -> int:
+        """Let later callers of keys starting with ``prefix`` start afresh; how many.
+
+        The work under way goes on for those already waiting on it: what a purge
+        does to work that began before it.
+        """
+        detached = [key for key in self._waiting if key.startswith(prefix)]
+        for key in detached:
+            del self._waiting[key]
+        return len(detached)
+
+    def _finish(self, outcome: T | Failure, key: str, waiters: list[Deferred[T]]) -> None:
+        if self._waiting.get(key) is waiters:
+            del self._waiting[key]
         # Returning None: every waiter got the outcome, so a failure is not
         # also logged as unhandled here.
-        for waiter in self._waiting.pop(key, []):
+        for waiter in waiters:
             if isinstance(outcome, Failure):
                 waiter.errback(outcome)
             else:

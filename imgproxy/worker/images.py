@@ -100,6 +100,10 @@ class ImageService:
 
     def purge_source_key(self, source_key: str) -> int:
         """``purge_source`` by the source's key (what a gossiped purge names)."""
+        # A request from now on starts its own download and render: joining one
+        # that began before the purge would hand it what was purged.
+        self._sources.detach(source_key + "/")
+        self._variants.detach(source_key + "/")
         self._purges += 1
         self._last_purge.pop(source_key, None)
         self._last_purge[source_key] = self._purges

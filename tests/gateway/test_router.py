@@ -156,6 +156,19 @@ class ClusterBackendTests(SynchronousTestCase):
         self.successResultOf(self.backend.purge(SPEC.url))
         self.assertEqual(sorted(self.workers.purged), [w.name for w in WORKERS])
 
+    def test_a_request_after_a_purge_is_not_joined_to_one_from_before(self) -> None:
+        pending: Deferred = Deferred()
+        self.workers.behaviour[self.order[0]] = pending
+        before = self.backend.serve(SPEC)
+        self.workers.behaviour[self.order[0]] = "hit"
+        self.successResultOf(self.backend.purge(SPEC.url))
+        after = self.backend.serve(SPEC)
+        self.successResultOf(after)  # answered by a request of its own
+        self.assertEqual([call for call, _ in self.workers.asked].count("lookup"), 2)
+        self.assertNoResult(before)  # still waiting for what it asked before the purge
+        pending.callback("hit")
+        self.successResultOf(before)
+
     def test_every_purge_is_announced_to_the_cluster_reached_or_not(self) -> None:
         announced: list[str] = []
         backend = ClusterBackend(self.view, self.workers, BoundedLoad(0.25), self.clock,

@@ -100,6 +100,25 @@ class ImageServiceTests(SynchronousTestCase):
         self.fetcher.pending[1].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
         self.assertIsNotNone(self.service.cached(spec))
 
+    def test_a_request_after_a_purge_is_not_joined_to_a_download_from_before(self) -> None:
+        # Another variant asked for after the purge: its own download, its bytes kept.
+        before, after = TransformSpec(URL, width=32), TransformSpec(URL, width=16)
+        old = self.results(self.service.render(before))
+        self.service.purge_source(URL)
+        new = self.results(self.service.render(after))
+        again = self.results(self.service.render(before))
+        self.assertEqual(len(self.fetcher.calls), 2)
+        self.fetcher.pending[0].callback(FetchedSource(URL, jpeg(64, 48), "image/jpeg"))
+        self.fetcher.pending[1].callback(FetchedSource(URL, jpeg(40, 30), "image/jpeg"))
+        self.assertEqual(Image.open(io.BytesIO(old[0].body)).size, (32, 24))
+        # Rendered from the new source (40x30), not the purged one (64x48).
+        self.assertEqual(Image.open(io.BytesIO(new[0].body)).size, (16, 12))
+        self.assertEqual(Image.open(io.BytesIO(again[0].body)).size, (32, 24))
+        self.assertEqual(self.service.cached(after), new[0])
+        self.assertEqual(self.service.cached(before), again[0])
+        source = self.cache.get(source_cache_key(before.source_key))
+        self.assertEqual(Image.open(io.BytesIO(source.body)).size, (40, 30))
+
     def test_a_purge_forgotten_among_many_still_keeps_the_result_out(self) -> None:
         spec = TransformSpec(URL, width=32)
         self.results(self.service.render(spec))
@@ -208,6 +227,28 @@ class CoalescerTests(SynchronousTestCase):
         self.failureResultOf(first)
         work.callback(3)
         self.assertEqual(self.successResultOf(second), 3)
+
+    def test_detached_work_goes_on_for_its_callers_and_later_ones_start_afresh(self) -> None:
+        coalescer: Coalescer[str] = Coalescer()
+        runs: list[Deferred] = []
+
+        def work() -> Deferred:
+            runs.append(Deferred())
+            return runs[-1]
+
+        before = coalescer.run("src/a", work)
+        untouched = coalescer.run("other/a", work)
+        self.assertEqual(coalescer.detach("src/"), 1)
+        after = coalescer.run("src/a", work)
+        self.assertEqual(len(runs), 3)
+        runs[0].callback("old")
+        # The old work ending leaves the new one in place, and in flight.
+        self.assertTrue(coalescer.in_flight("src/a"))
+        self.assertEqual(self.successResultOf(before), "old")
+        self.assertNoResult(after)
+        runs[2].callback("new")
+        self.assertEqual(self.successResultOf(after), "new")
+        self.assertNoResult(untouched)
 
     def test_synchronous_failure_reaches_the_caller(self) -> None:
         coalescer: Coalescer[int] = Coalescer()

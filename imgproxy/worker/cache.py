@@ -50,6 +50,10 @@ _VARIANT_NAME = re.compile(r"(?:[0-9a-f]{32}|source)\Z")
 _ENTRY_KEY = re.compile(r"[0-9a-f]{64}/(?:[0-9a-f]{32}|source)\Z")
 _SHARD = re.compile(r"[0-9a-f]{2}\Z")
 _TEMP_SUFFIX = ".tmp"
+# O_NONBLOCK: opening a FIFO (or a device) put in the cache directory must not
+# block the reactor; a regular file ignores the flag. What it reads is then
+# refused as corrupt, and the path removed.
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 
 # Metadata is small (the URL is at most 8 KiB); the scan reads this much in one call.
 _HEAD_READ = 4096
@@ -286,7 +290,7 @@ class DiskCache:
     def _read(self, key: str, size: int) -> CacheEntry | None:
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, _READ_FLAGS)
             try:
                 # One byte more than expected tells a grown file from a whole one.
                 data = os.read(fd, size + 1)
@@ -577,7 +581,7 @@ class DiskCache:
         """Index the file of ``key`` from its header alone; drop it if the header is bad."""
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, _READ_FLAGS)
             try:
                 size = os.fstat(fd).st_size
                 head = os.read(fd, _HEAD_READ)

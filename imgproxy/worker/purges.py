@@ -11,6 +11,7 @@ serf's snapshot does.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 from twisted.logger import Logger
@@ -20,6 +21,17 @@ from imgproxy.membership.events import EventLog, UserEvent
 
 #: The file, in the cache directory, that holds the event clock reached.
 EVENT_CLOCK_FILE = "event-clock"
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of a regular file; never blocks on a FIFO put there."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 class GossipedPurges:
@@ -37,8 +49,7 @@ class GossipedPurges:
     def resume(self) -> None:
         """Skip the events handled before a restart (none after a fresh start)."""
         try:
-            with open(self._path, "rb") as saved:
-                clock = int(saved.read(32).strip() or b"0")
+            clock = int(_read_regular_file(self._path, 32).strip() or b"0")
         except FileNotFoundError:
             return
         except (OSError, ValueError) as error:

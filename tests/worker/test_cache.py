@@ -6,7 +6,10 @@ import errno
 import os
 import re
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from twisted.internet.task import Clock, Cooperator
 from twisted.logger import capturedLogs
@@ -394,6 +397,22 @@ class RestartTests(CacheTestCase):
         self.assertRaises(RuntimeError, cache.start)
 
 
+@contextmanager
+def hangs_fail_after(seconds: int) -> Iterator[None]:
+    """Turn a hang into a test failure: SIGALRM interrupts a blocking system call."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise AssertionError(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class CorruptionTests(CacheTestCase):
     def stored(self) -> tuple[DiskCache, str, str]:
         cache = self.make_cache(memory_bytes=0)
@@ -435,6 +454,19 @@ class CorruptionTests(CacheTestCase):
         self.assertIsNone(cache.get(key))
         self.assertEqual(cache.stats.corrupt_dropped, 1)
         self.assertEqual(cache.stats.entries, 0)
+
+    def test_a_fifo_in_place_of_an_entry_never_blocks(self) -> None:
+        # Opening a FIFO for reading waits for a writer: the whole node would hang.
+        cache, key, path = self.stored()
+        os.unlink(path)
+        os.mkfifo(path)
+        with hangs_fail_after(5):
+            self.assertDropped(cache, key, path)
+            # And in the scan of a node starting on that directory.
+            os.mkfifo(path)
+            restarted = self.started()
+        self.assertIsNone(restarted.get(key))
+        self.assertFalse(os.path.exists(path))
 
     def test_scan_drops_a_truncated_file(self) -> None:
         _, key, path = self.stored()

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgproxy.cluster import PURGE_EVENT, purge_event_payload, purged_source_key
 from imgproxy.membership.events import EventLog, UserEvent
 from imgproxy.worker.purges import EVENT_CLOCK_FILE, GossipedPurges
+from tests.worker.test_cache import hangs_fail_after
 
 URL = "http://origin.test/a.jpg"
 KEY = hashlib.sha256(URL.encode()).hexdigest()
@@ -71,6 +72,13 @@ class GossipedPurgesTests(SynchronousTestCase):
         with open(os.path.join(self.cache_dir, EVENT_CLOCK_FILE), "wb") as broken:
             broken.write(b"garbage")
         purges, events = self.node()
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
+        self.assertEqual(self.purged, [KEY])
+
+    def test_a_fifo_in_place_of_the_clock_is_not_read(self) -> None:
+        os.mkfifo(os.path.join(self.cache_dir, EVENT_CLOCK_FILE))
+        with hangs_fail_after(5):
+            purges, events = self.node()
         self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         self.assertEqual(self.purged, [KEY])
 

@@ -339,9 +339,7 @@ class DiskCache:
         except OSError as e:
             self._write_failed(key, e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                # When our own files fill the disk (a cap larger than the volume), nothing
-                # else will free space: give up the least recently used, so the next put fits.
-                self._evict_to(max(0, self._bytes - size))
+                self._make_room(directory, size)
             return entry
         if self._failing_writes:
             self._log.info(
@@ -354,6 +352,22 @@ class DiskCache:
         self._remember(entry)
         self._evict_to(self._max_bytes)
         return entry
+
+    def _make_room(self, directory: str, size: int) -> None:
+        """After a full disk refused ``size`` bytes: when our own files fill it (a cap
+        larger than the volume), nothing else frees space, so give up the least
+        recently used, as few as make the entry fit. If even all of them would not
+        (an entry larger than what the disk holds for us), give up none."""
+        try:
+            stats = os.statvfs(directory)
+            free = stats.f_bavail * stats.f_frsize
+        except OSError:
+            free = 0
+        # The file system's own overhead per file: a block, rounded up, per entry.
+        missing = size - free + (stats.f_frsize if free else 0)
+        if missing > self._bytes:
+            return
+        self._evict_to(max(0, self._bytes - missing))
 
     def _write_failed(self, key: str, error: OSError) -> None:
         self._write_errors += 1

@@ -633,6 +633,18 @@ class FailingDiskTests(CacheTestCase):
         self.assertEqual(cache.stats.write_errors, 1)
         self.assertEqual(cache.stats.entries, failed)
 
+    def test_an_entry_larger_than_the_disk_evicts_nothing(self) -> None:
+        # Evicting everything would not make it fit: the cache must not be wiped for it.
+        root = self.mount_tmpfs(size="256k")
+        cache = self.make_cache(root=root, max_bytes=10 << 20)
+        small = [cache.put(variant_key(URL_A, w), os.urandom(4000), "image/png", URL_A)
+                 for w in range(1, 11)]
+        huge = cache.put(variant_key(URL_B, 1), os.urandom(400_000), "image/png", URL_B)
+        self.assertNotCached(cache, huge, huge.body)
+        self.assertEqual(cache.stats.write_errors, 1)
+        self.assertEqual(cache.stats.evictions, 0)
+        self.assertEqual([cache.get(entry.key) for entry in small], small)
+
     def test_read_only_filesystem_put_serves_uncached_then_recovers(self) -> None:
         root = self.mount_tmpfs(size="1m")
         cache = self.make_cache(root=root)

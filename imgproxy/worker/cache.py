@@ -59,6 +59,10 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _HEAD_READ = 4096
 
 
+class PurgeIncomplete(Exception):
+    """Some of a purged source's files are still on disk (a read-only or failing disk)."""
+
+
 def source_cache_key(source_key: str) -> str:
     """The cache key of a source's original bytes, in the same directory as its variants."""
     return f"{source_key}/source"
@@ -427,19 +431,23 @@ class DiskCache:
             except OSError:
                 pass
 
-    def _unlink(self, path: str) -> None:
+    def _unlink(self, path: str) -> bool:
+        """Remove ``path``; False (and a warning) if it is still there."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             self._log.warn("could not remove {path}: {reason}", path=path, reason=e.strerror)
+            return False
+        return True
 
     def purge_source(self, source_key: str) -> int:
         """Remove a source and all its variants, from disk and index; how many entries went."""
         if not _SOURCE_KEY.match(source_key):
             raise ValueError(f"not a source key: {source_key!r}")
         directory = self._source_dir(source_key)
+        failure: str | None = None
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
@@ -447,14 +455,30 @@ class DiskCache:
         except OSError as e:
             self._log.warn("could not list {path}: {reason}", path=directory, reason=e.strerror)
             names = []
+            failure = f"its directory cannot be read ({e.strerror})"
         keys = {f"{source_key}/{name}" for name in names if _VARIANT_NAME.match(name)}
         # The source's own key may be indexed even if its file vanished behind our back.
         keys.update(k for k in (source_cache_key(source_key),) if k in self._index)
+        if failure is not None:
+            # Unlisted, its indexed entries go all the same (a walk of the index, on this
+            # rare path): this process never serves them again, though a restart would
+            # find their files, hence PurgeIncomplete.
+            keys.update(key for key in self._index if key.startswith(source_key + "/"))
         for key in keys:
             self._forget(key)
         # The directory is flat (entries and temporary files), so no recursive removal.
+        stuck = sum(
+            not self._unlink(f"{directory}/{name}")
+            for name in names
+            if _VARIANT_NAME.match(name)
+        )
         for name in names:
-            self._unlink(f"{directory}/{name}")
+            if not _VARIANT_NAME.match(name):
+                self._unlink(f"{directory}/{name}")
+        if stuck:
+            failure = f"{stuck} of its files cannot be removed"
+        if failure is not None:
+            raise PurgeIncomplete(failure)
         parent = directory
         for _level in range(3):
             try:

@@ -13,12 +13,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from imgproxy.errors import ProxyError
 from imgproxy.params import TransformSpec, source_key_of
-from imgproxy.worker.cache import CacheEntry, DiskCache, source_cache_key
+from imgproxy.worker.cache import CacheEntry, DiskCache, PurgeIncomplete, source_cache_key
 from imgproxy.worker.coalesce import Coalescer
 from imgproxy.worker.fetch import FetchedSource
 from imgproxy.worker.pool import TransformPool
@@ -95,7 +95,11 @@ class ImageService:
         return self.render(spec).addCallback(lambda entry: (entry, False))
 
     def purge_source(self, url: str) -> int:
-        """Remove the source and every cached variant of ``url``; returns how many."""
+        """Remove the source and every cached variant of ``url``; returns how many.
+
+        Raises ``ProxyError(503)`` when files of it stay on disk: this node does
+        not serve them, but would after a restart, so the purge is to be retried.
+        """
         return self.purge_source_key(source_key_of(url))
 
     def purge_source_key(self, source_key: str) -> int:
@@ -109,7 +113,12 @@ class ImageService:
         self._last_purge[source_key] = self._purges
         if len(self._last_purge) > REMEMBERED_PURGES:
             self._last_purge.popitem(last=False)
-        return self.cache.purge_source(source_key)
+        try:
+            return self.cache.purge_source(source_key)
+        except PurgeIncomplete as incomplete:
+            raise ProxyError(
+                503, f"the purge is incomplete: {incomplete}; retry", retry_after=5
+            ) from None
 
     def _purged_since(self, source_key: str, since: int) -> bool:
         last = self._last_purge.get(source_key)
@@ -129,7 +138,10 @@ class ImageService:
 
     def purge(self, url: str) -> Deferred[None]:
         """The ``ImageBackend`` view of ``purge_source``."""
-        self.purge_source(url)
+        try:
+            self.purge_source(url)
+        except ProxyError as error:
+            return fail(error)
         return succeed(None)
 
     @inlineCallbacks

@@ -220,9 +220,10 @@ class CacheEndpoint(_Endpoint):
             if not url:
                 raise ProxyError(400, "parameter 'url' is required")
             check_source_url(url)
+            self._images.purge_source(url)
         except ProxyError as error:
+            self._metrics.count_request("internal", error.status)
             return write_error(request, error)
-        self._images.purge_source(url)
         self._metrics.count_request("internal", 204)
         request.setResponseCode(204)
         return b""

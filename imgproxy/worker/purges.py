@@ -17,6 +17,7 @@ from collections.abc import Callable
 from twisted.logger import Logger
 
 from imgproxy.cluster import PURGE_EVENT, purged_source_key
+from imgproxy.errors import ProxyError
 from imgproxy.membership.events import EventLog, UserEvent
 
 #: The file, in the cache directory, that holds the event clock reached.
@@ -68,7 +69,12 @@ class GossipedPurges:
             self._log.info("ignoring a purge event that names no source: {payload!r}",
                            payload=event.payload[:100])
             return
-        self._purge_source_key(key)
+        try:
+            self._purge_source_key(key)
+        except ProxyError as error:
+            # The clock is not saved: after a restart, this purge is applied again.
+            self._log.warn("gossiped purge of {key}: {reason}", key=key, reason=error.reason)
+            return
         self._save(self._events.time)
 
     def _save(self, clock: int) -> None:

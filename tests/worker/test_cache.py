@@ -21,6 +21,7 @@ from imgproxy.worker.cache import (
     HEADER_SIZE,
     CacheEntry,
     DiskCache,
+    PurgeIncomplete,
     decode_entry,
     decode_meta,
     encode_entry,
@@ -661,6 +662,21 @@ class FailingDiskTests(CacheTestCase):
         subprocess.run(["mount", "-o", "remount,rw", root], check=True)
         again = cache.put(variant_key(URL_B, 1), b"img", "image/png", URL_B)
         self.assertEqual(cache.get(again.key), again)
+
+    def test_a_purge_that_cannot_remove_the_files_says_so(self) -> None:
+        root = self.mount_tmpfs(size="1m")
+        cache = self.make_cache(root=root)
+        entry = cache.put(variant_key(URL_A, 1), b"img", "image/png", URL_A)
+        remount = ["mount", "-o", "remount,ro", root]
+        if subprocess.run(remount, capture_output=True).returncode != 0:
+            raise SkipTest("cannot remount the tmpfs read-only")
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", root], capture_output=True)
+        with self.assertRaises(PurgeIncomplete):
+            cache.purge_source(source_key_of(URL_A))
+        # Not served by this process again, but its file is still there for a restart.
+        self.assertIsNone(cache.get(entry.key))
+        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+        self.assertEqual(self.started(root=root).get(entry.key), entry)
 
     def test_read_only_directory_put_serves_uncached(self) -> None:
         if os.geteuid() == 0:

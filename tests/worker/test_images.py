@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgproxy.errors import ProxyError
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec
-from imgproxy.worker.cache import DiskCache, source_cache_key
+from imgproxy.worker.cache import DiskCache, PurgeIncomplete, source_cache_key
 from imgproxy.worker.coalesce import Coalescer
 from imgproxy.worker.fetch import FetchedSource
 from imgproxy.worker.images import REMEMBERED_PURGES, ImageService
@@ -118,6 +118,14 @@ class ImageServiceTests(SynchronousTestCase):
         self.assertEqual(self.service.cached(before), again[0])
         source = self.cache.get(source_cache_key(before.source_key))
         self.assertEqual(Image.open(io.BytesIO(source.body)).size, (40, 30))
+
+    def test_a_purge_that_leaves_files_on_disk_is_a_503_to_retry(self) -> None:
+        def read_only_disk(source_key: str) -> int:
+            raise PurgeIncomplete("1 of its files cannot be removed")
+
+        self.patch(self.cache, "purge_source", read_only_disk)
+        failure = self.failureResultOf(self.service.purge(URL), ProxyError)
+        self.assertEqual((failure.value.status, failure.value.retry_after), (503, 5))
 
     def test_a_purge_forgotten_among_many_still_keeps_the_result_out(self) -> None:
         spec = TransformSpec(URL, width=32)

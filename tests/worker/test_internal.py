@@ -11,11 +11,11 @@ from twisted.trial.unittest import TestCase
 
 from imgproxy.auth import RequestSigner
 from imgproxy.errors import ProxyError
-from imgproxy.gateway.client import WorkerClient, WorkerUnavailable
+from imgproxy.gateway.client import WorkerBusy, WorkerClient, WorkerUnavailable
 from imgproxy.metrics import NodeMetrics
 from imgproxy.params import TransformSpec
 from imgproxy.placement import WorkerRef
-from imgproxy.worker.cache import DiskCache
+from imgproxy.worker.cache import DiskCache, PurgeIncomplete
 from imgproxy.worker.fetch import FetchedSource
 from imgproxy.worker.images import ImageService
 from imgproxy.worker.internal import AUTH_REFUSED_HEADER, internal_api
@@ -118,6 +118,15 @@ class InternalApiTests(TestCase):
         yield self.client.purge(WORKER, URL)
         gone = yield self.client.lookup(WORKER, spec)
         self.assertIsNone(gone)
+
+    @inlineCallbacks
+    def test_a_purge_that_leaves_files_behind_is_a_503_to_retry(self):
+        def read_only_disk(source_key: str) -> int:
+            raise PurgeIncomplete("1 of its files cannot be removed")
+
+        self.patch(self.cache, "purge_source", read_only_disk)
+        # A 503: the gateway keeps the purge pending for this worker and replays it.
+        yield self.assertFailure(self.client.purge(WORKER, URL), WorkerBusy)
 
     @inlineCallbacks
     def test_unsigned_or_badly_signed_requests_are_403(self):

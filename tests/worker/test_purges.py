@@ -8,6 +8,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgproxy.cluster import PURGE_EVENT, purge_event_payload, purged_source_key
+from imgproxy.errors import ProxyError
 from imgproxy.membership.events import EventLog, UserEvent
 from imgproxy.worker.purges import EVENT_CLOCK_FILE, GossipedPurges
 from tests.worker.test_cache import hangs_fail_after
@@ -71,6 +72,18 @@ class GossipedPurgesTests(SynchronousTestCase):
     def test_an_unreadable_clock_applies_every_recent_purge_again(self) -> None:
         with open(os.path.join(self.cache_dir, EVENT_CLOCK_FILE), "wb") as broken:
             broken.write(b"garbage")
+        purges, events = self.node()
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
+        self.assertEqual(self.purged, [KEY])
+
+    def test_a_purge_left_incomplete_is_applied_again_after_a_restart(self) -> None:
+        def read_only_disk(key: str) -> None:
+            raise ProxyError(503, "the purge is incomplete")
+
+        events = EventLog()
+        purges = GossipedPurges(read_only_disk, events, self.cache_dir)
+        purges.resume()
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         purges, events = self.node()
         self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         self.assertEqual(self.purged, [KEY])

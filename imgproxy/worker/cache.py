@@ -316,19 +316,37 @@ class DiskCache:
 
     # -- stores ----------------------------------------------------------------------------
 
-    def unstored(self, key: str, body: bytes, content_type: str, source_url: str) -> CacheEntry:
+    def unstored(
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        source_url: str,
+        created: float | None = None,
+    ) -> CacheEntry:
         """The entry ``put`` would store, without storing it."""
-        return encode_entry(key, body, content_type, self._clock.seconds(), source_url)[1]
+        when = self._clock.seconds() if created is None else created
+        return encode_entry(key, body, content_type, when, source_url)[1]
 
-    def put(self, key: str, body: bytes, content_type: str, source_url: str) -> CacheEntry:
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        source_url: str,
+        created: float | None = None,
+    ) -> CacheEntry:
         """Store ``body`` under ``key`` and return its entry.
 
-        The entry is returned even when it could not be stored (too big, or the disk failed):
-        the caller serves it all the same.
+        ``created`` (default: now) is when its content was fetched: a variant
+        rendered from a cached source is as old as that source, and goes stale
+        with it. The entry is returned even when it could not be stored (too big,
+        or the disk failed): the caller serves it all the same.
         """
         if not _ENTRY_KEY.match(key):
             raise ValueError(f"not a cache key: {key!r}")
-        data, entry = encode_entry(key, body, content_type, self._clock.seconds(), source_url)
+        when = self._clock.seconds() if created is None else created
+        data, entry = encode_entry(key, body, content_type, when, source_url)
         size = len(data)
         if size > self._max_bytes:
             # The old body is superseded and the new one cannot be kept.

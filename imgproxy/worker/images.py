@@ -129,12 +129,19 @@ class ImageService:
         return oldest > since + 1
 
     def _keep(
-        self, since: int, source_key: str, key: str, body: bytes, content_type: str, url: str
+        self,
+        since: int,
+        source_key: str,
+        key: str,
+        body: bytes,
+        content_type: str,
+        url: str,
+        created: float | None = None,
     ) -> CacheEntry:
         """``cache.put``, unless the source was purged since the work began."""
         if self._purged_since(source_key, since):
-            return self.cache.unstored(key, body, content_type, url)
-        return self.cache.put(key, body, content_type, url)
+            return self.cache.unstored(key, body, content_type, url, created)
+        return self.cache.put(key, body, content_type, url, created)
 
     def purge(self, url: str) -> Deferred[None]:
         """The ``ImageBackend`` view of ``purge_source``."""
@@ -165,9 +172,11 @@ class ImageService:
             )
         finally:
             self._metrics.observe_transform(self._timer() - started)
+        # As old as its source: a variant rendered late from a cached source does not
+        # outlive it (the origin's changes show for every variant after one TTL).
         return self._keep(
             since, spec.source_key, spec.cache_key, transformed.body,
-            transformed.content_type, spec.url,
+            transformed.content_type, spec.url, source.created,
         )
 
     def source(self, url: str) -> Deferred[CacheEntry]:

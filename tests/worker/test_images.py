@@ -86,6 +86,19 @@ class ImageServiceTests(SynchronousTestCase):
         self.assertEqual(self.service.cached(spec), entry)
         self.assertIsNotNone(self.cache.get(source_cache_key(spec.source_key)))
 
+    def test_a_variant_rendered_from_a_cached_source_goes_stale_with_it(self) -> None:
+        first = TransformSpec(URL, width=32)
+        self.results(self.service.render(first))
+        self.fetcher.pending[0].callback(FetchedSource(URL, jpeg(), "image/jpeg"))
+        self.clock.advance(3000)  # of the 3600 s TTL
+        late = TransformSpec(URL, width=16)
+        rendered = self.results(self.service.render(late))
+        self.assertEqual(len(self.fetcher.calls), 1)  # from the cached source
+        self.assertEqual(rendered[0].created, 0.0)
+        self.clock.advance(600)
+        self.assertIsNone(self.service.cached(late))
+        self.assertIsNone(self.service.cached(first))
+
     def test_a_purge_while_the_source_downloads_keeps_the_result_out_of_the_cache(self) -> None:
         # Those who asked before the purge get what was on its way; nobody after.
         spec = TransformSpec(URL, width=32)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
 from collections.abc import Iterable
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
 import attrs
+import idna
 
 from imgproxy.errors import ProxyError
 
@@ -147,7 +150,7 @@ def decode_query(
 
 
 def check_source_url(url: str) -> str:
-    """Accept only an absolute http(s) URL with a host; return it unchanged."""
+    """Accept only an absolute http(s) URL with a host; return its canonical spelling."""
     if not url:
         raise ProxyError(400, "parameter 'url' is empty")
     if len(url) > MAX_URL_LENGTH:
@@ -170,7 +173,68 @@ def check_source_url(url: str) -> str:
         raise ProxyError(400, "parameter 'url' has no host")
     if port == 0:
         raise ProxyError(400, "parameter 'url' has port 0")
-    return url
+    return canonical_source_url(url)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a path or query keeps as it is: RFC 3986's reserved and unreserved
+# characters, and "%" (an escape already made is not made again).
+PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+QUERY_SAFE = PATH_SAFE + "?"
+_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+
+
+def canonical_source_url(url: str) -> str:
+    """The one spelling of a source URL that its cache key, and every purge, is made of.
+
+    Spellings that reach the same resource from the origin are one source
+    (RFC 3986 6.2.2 and 6.2.3): scheme and host in lower case, an international
+    host in IDNA, no default port, no user info or fragment (neither is sent),
+    no empty query, no dot segments, a path of at least "/", and every character
+    that is not ASCII, and every escape, as an upper-case percent-escape.
+    ``url`` must have passed ``check_source_url``'s checks.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        try:
+            host = ipaddress.ip_address(host).compressed
+        except ValueError:
+            pass  # a zone index: kept as written
+        host = f"[{host}]"
+    elif not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (UnicodeError, idna.IDNAError):
+            pass  # the fetch refuses it with its own error
+    port = parts.port
+    netloc = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    path = _escapes_upper(quote(_remove_dot_segments(parts.path) or "/", safe=PATH_SAFE))
+    query = _escapes_upper(quote(parts.query, safe=QUERY_SAFE))
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _escapes_upper(text: str) -> str:
+    return _ESCAPE.sub(lambda m: m.group(0).upper(), text) if "%" in text else text
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on an absolute path: "/a/./b/../c" is "/a/c"."""
+    if "." not in path:
+        return path
+    segments = path.split("/")
+    last = len(segments) - 1
+    kept: list[str] = []
+    for index, segment in enumerate(segments):
+        if segment in (".", ".."):
+            if segment == ".." and len(kept) > 1:
+                kept.pop()
+            if index == last:
+                kept.append("")  # "/a/b/.." is the directory "/a/"
+            continue
+        kept.append(segment)
+    return "/".join(kept)
 
 
 def _parse_int(values: dict[str, str], name: str, low: int, high: int) -> int | None:

@@ -94,6 +94,38 @@ class ParseImageQueryTests(SynchronousTestCase):
     def test_invalid_utf8_is_a_400(self) -> None:
         self.assertRefused(Q + "&fit=%ff%fe")
 
+    def test_spellings_of_one_source_are_one_source(self) -> None:
+        # What reaches the origin as the same request is one cache key and one purge.
+        canonical = "http://origin.test/a/b.jpg"
+        for spelling in [
+            "HTTP://ORIGIN.test/a/b.jpg",
+            "http://origin.test:80/a/b.jpg",
+            "http://origin.test/a/b.jpg#top",
+            "http://origin.test/a/b.jpg?",
+            "http://user:secret@origin.test/a/b.jpg",
+            "http://origin.test/a/./b.jpg",
+            "http://origin.test/a/x/../b.jpg",
+            "http://origin.test/../a/b.jpg",
+        ]:
+            with self.subTest(spelling=spelling):
+                self.assertEqual(check_source_url(spelling), canonical)
+                self.assertEqual(parse("url=" + quote(spelling, safe="")).spec.source_key,
+                                 parse("url=" + quote(canonical, safe="")).spec.source_key)
+
+    def test_escapes_and_international_text_have_one_spelling(self) -> None:
+        self.assertEqual(check_source_url("https://bücher.test:443/ä%20b?q=%7e&r=ü"),
+                         "https://xn--bcher-kva.test/%C3%A4%20b?q=%7E&r=%C3%BC")
+        self.assertEqual(check_source_url("http://[::FFFF:1.2.3.4]:8080"),
+                         "http://[::ffff:102:304]:8080/")
+
+    def test_different_sources_stay_different(self) -> None:
+        urls = ["http://o.test/a", "http://o.test/a/", "http://o.test//a", "http://o.test/A",
+                "http://o.test/a?x=1", "http://o.test/a?x=1&y", "https://o.test/a",
+                "http://o.test:8080/a", "http://o.test/a%2Fb", "http://o.test/a/b"]
+        self.assertEqual(len({check_source_url(url) for url in urls}), len(urls))
+        for url in urls:  # already canonical: unchanged
+            self.assertEqual(check_source_url(url), url)
+
     def test_a_url_that_is_not_text_is_a_400(self) -> None:
         # Only JSON can carry a lone surrogate (the internal API's POST body).
         with self.assertRaises(ProxyError) as caught:
@@ -193,6 +225,11 @@ class PurgeQueryTests(SynchronousTestCase):
     def test_purge_with_valid_signature(self) -> None:
         sig = sign_query(Q.encode(), b"k")
         self.assertEqual(parse_purge_query(f"{Q}&sig={sig}".encode(), b"k"), SOURCE)
+
+    def test_a_purge_names_the_source_in_any_of_its_spellings(self) -> None:
+        query = "url=" + quote("HTTPS://Images.Example.com:443/./photo.jpg#x", safe="")
+        sig = sign_query(query.encode(), b"k")
+        self.assertEqual(parse_purge_query(f"{query}&sig={sig}".encode(), b"k"), SOURCE)
 
     def test_purge_with_bad_signature(self) -> None:
         with self.assertRaises(ProxyError) as caught:

@@ -64,7 +64,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from imgproxy.errors import ProxyError
-from imgproxy.params import check_source_url
+from imgproxy.params import PATH_SAFE, QUERY_SAFE, check_source_url
 from imgproxy.quietpool import QuietConnectionPool
 from imgproxy.worker.addresses import AddressPolicy, IPAddress, parse_ip_literal
 
@@ -106,8 +106,6 @@ class FetchedSource:
     content_type: str | None  # the origin's header, informational only
 
 
-_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 def request_url(url: str) -> bytes:
@@ -135,8 +133,8 @@ def request_url(url: str) -> bytes:
         except (UnicodeError, idna.IDNAError):
             raise ProxyError(502, f"the host name {host!r} cannot be encoded") from None
     netloc = ascii_host if parts.port is None else f"{ascii_host}:{parts.port}"
-    path = quote(parts.path or "/", safe=_PATH_SAFE)
-    query = quote(parts.query, safe=_QUERY_SAFE)
+    path = quote(parts.path or "/", safe=PATH_SAFE)
+    query = quote(parts.query, safe=QUERY_SAFE)
     return urlunsplit((parts.scheme.lower(), netloc, path, query, "")).encode("ascii")
 
 

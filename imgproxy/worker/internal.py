@@ -219,8 +219,7 @@ class CacheEndpoint(_Endpoint):
             url = decode_query(raw_query_of(request), frozenset({"url"})).get("url")
             if not url:
                 raise ProxyError(400, "parameter 'url' is required")
-            check_source_url(url)
-            self._images.purge_source(url)
+            self._images.purge_source(check_source_url(url))
         except ProxyError as error:
             self._metrics.count_request("internal", error.status)
             return write_error(request, error)

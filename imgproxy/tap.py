@@ -157,6 +157,9 @@ class Options(usage.Options):
         node_name = self["node-name"]
         if node_name is not None and not str(node_name).strip():
             raise ConfigError("--node-name must not be empty")
+        if not str(self["cache-dir"]).strip():
+            # An empty path is the working directory: its files would be mixed in.
+            raise ConfigError("--cache-dir must not be empty")
         values = dict(
             role=role,
             http=http_endpoint(self["http"]),

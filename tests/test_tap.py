@@ -76,7 +76,7 @@ class FlagTests(SynchronousTestCase):
                      ["--gossip-port", "70000"], ["--join", "host:0"], ["--http", "nonsense"],
                      ["--http", "tcp:notaport"], ["--http", "tcp:99999"],
                      ["--http", "tcp:8080:interface=127.0.0.1:bogus=1"],
-                     ["--max-source-pixels", "-5"], ["--node-name", " "]):
+                     ["--max-source-pixels", "-5"], ["--node-name", " "], ["--cache-dir", ""]):
             with self.subTest(argv=argv), self.assertRaises(usage.UsageError):
                 options(argv)
 

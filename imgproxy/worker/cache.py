@@ -25,6 +25,7 @@ One process owns one cache directory.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -50,6 +51,8 @@ _VARIANT_NAME = re.compile(r"(?:[0-9a-f]{32}|source)\Z")
 _ENTRY_KEY = re.compile(r"[0-9a-f]{64}/(?:[0-9a-f]{32}|source)\Z")
 _SHARD = re.compile(r"[0-9a-f]{2}\Z")
 _TEMP_SUFFIX = ".tmp"
+#: Held (flock) by the process that uses the directory.
+LOCK_FILE = ".lock"
 # O_NONBLOCK: opening a FIFO (or a device) put in the cache directory must not
 # block the reactor; a regular file ignores the flag. What it reads is then
 # refused as corrupt, and the path removed.
@@ -253,6 +256,7 @@ class DiskCache:
         self._failing_writes = 0  # failures since the last successful write
         self._temp_counter = 0
         self._started = False
+        self._lock_fd: int | None = None
 
     # -- lookups: the hot path -------------------------------------------------------------
 
@@ -569,6 +573,7 @@ class DiskCache:
                 reason=e.strerror,
             )
             return
+        self._lock_root()
         found: list[tuple[float, str]] = []
         temps = 0
         work = 0
@@ -624,6 +629,27 @@ class DiskCache:
             evicted=self._evictions - before,
             seconds=self._clock.seconds() - began,
         )
+
+    def _lock_root(self) -> None:
+        """Say so when another process already uses this directory (by accident, as a
+        default ./imgproxy-cache in one working directory): neither would see the
+        other's purges or evictions. The lock goes with the process."""
+        path = os.path.join(self._root, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._log.warn(
+                "another process uses the cache directory {root}: it will not see this "
+                "node's purges, nor this node its own; give each node a directory of its own",
+                root=self._root,
+            )
+            return
+        self._lock_fd = fd
 
     def _list(self, directory: str) -> list[os.DirEntry[str]]:
         # A whole listing at once: the tree may change between two batches of the scan.

@@ -383,6 +383,16 @@ class RestartTests(CacheTestCase):
         self.assertFalse(os.path.exists(leftover))
         self.assertEqual(list(second.keys()), [key])
 
+    def test_a_second_user_of_the_directory_is_warned_about(self) -> None:
+        self.started()
+        with capturedLogs() as events:
+            second = self.started()
+        warnings = [e for e in events if "another process" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+        # A warning, not a refusal: it caches all the same.
+        entry = second.put(variant_key(URL_A, 1), b"img", "image/png", URL_A)
+        self.assertEqual(second.get(entry.key), entry)
+
     def test_foreign_files_are_left_alone(self) -> None:
         os.makedirs(os.path.join(self.root, "zz"))
         stray = os.path.join(self.root, "README")

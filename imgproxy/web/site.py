@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -95,13 +95,16 @@ WORKER_REQUEST_HEAD = 4 * MAX_REQUEST_HEAD
 
 
 def raw_json_response(status: int, phrase: bytes, reason: str) -> bytes:
-    """A complete HTTP/1.1 error response, for when no Request object can write one."""
+    """A complete HTTP/1.1 error response, for when no Request object can write one.
+
+    With the headers every response carries (Date, RFC 9110 6.6.1; Server).
+    """
     body = error_body(status, reason)
     return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
+        b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\ncache-control: no-store\r\nx-content-type-options: nosniff\r\n"
         b"connection: close\r\n\r\n%s"
-        % (status, phrase, len(body), body)
+        % (status, phrase, datetimeToString(), SERVER_NAME[0], len(body), body)
     )
 
 

@@ -105,6 +105,8 @@ class ProtocolErrorTests(WireExchange):
     def test_malformed_request_line_is_json_400(self) -> None:
         response = self.exchange(b"GARBAGE\r\n\r\n")
         self.assertJsonStatus(response, 400)
+        self.assertRegex(response, rb"\r\ndate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\r\n")
+        self.assertIn(b"\r\nserver: imgproxy\r\n", response)
         self.assertIn(b"\r\ncache-control: no-store\r\n", response)
         self.assertIn(b"\r\nx-content-type-options: nosniff\r\n", response)
 

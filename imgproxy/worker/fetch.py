@@ -184,6 +184,7 @@ class _CappedConnection(ProtocolWrapper):
         super().__init__(factory, wrapped)
         self._cap = cap
         self._received = 0
+        self._exceeded = False
 
     def write(self, data: bytes) -> None:
         self._received = 0
@@ -197,9 +198,18 @@ class _CappedConnection(ProtocolWrapper):
         self._received += len(data)
         if self._received > self._cap:
             assert self.transport is not None
+            self._exceeded = True
             self.transport.abortConnection()
             return
         super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._exceeded:
+            # We hung up, not the origin: say why.
+            reason = Failure(ProxyError(
+                502, "the origin's answer is too large before its body (headers or framing)"
+            ))
+        super().connectionLost(reason)
 
 
 class _CappedFactory(WrappingFactory):

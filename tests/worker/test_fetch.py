@@ -457,6 +457,7 @@ class ByteLimitTests(LiveFetchTestCase):
         self.origin.add("/headers", PNG, headers=junk)
         error = await self.fetch_error(self.limited(), self.origin.url("/headers"))
         self.assertEqual(error.status, 502)
+        self.assertIn("too large before its body", error.reason)  # we hung up, not the origin
 
     async def test_headers_within_the_allowance_are_fine(self) -> None:
         junk = {f"X-Junk-{i}": "y" * 100 for i in range(1_000)}

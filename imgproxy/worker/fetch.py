@@ -106,8 +106,6 @@ class FetchedSource:
     content_type: str | None  # the origin's header, informational only
 
 
-
-
 def request_url(url: str) -> bytes:
     """The URL as it goes on the wire: ASCII, its host the one ``urlsplit`` read.
 
@@ -225,7 +223,6 @@ class _CappedFactory(WrappingFactory):
         return _CappedConnection(self, self.wrappedFactory.buildProtocol(addr), self._cap)
 
 
-@implementer(IStreamClientEndpoint)
 @implementer(IOpenSSLClientConnectionCreator)
 class _IdentityChecked:
     """``optionsForClientTLS``, except for how a certificate that names no host at all
@@ -273,6 +270,7 @@ def identity_checked_tls(host: str, trust_root: IOpenSSLTrustRoot | None) -> Any
     return _IdentityChecked(options, service_id)
 
 
+@implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
     """Resolve once, check every address, connect to a checked IP literal."""
 

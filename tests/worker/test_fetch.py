@@ -474,6 +474,19 @@ class TLSTests(LiveFetchTestCase):
         self.resolver = StaticResolver({"tls.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
         return origin, authority.trust_root
 
+    def test_the_tls_options_and_the_endpoint_provide_their_interfaces(self) -> None:
+        from twisted.internet.interfaces import (
+            IOpenSSLClientConnectionCreator,
+            IStreamClientEndpoint,
+        )
+        from zope.interface.verify import verifyClass, verifyObject
+
+        from imgproxy.worker.fetch import _CheckedEndpoint, identity_checked_tls
+
+        verifyClass(IStreamClientEndpoint, _CheckedEndpoint)
+        for host in ("tls.test", "127.0.0.1", "::1"):
+            verifyObject(IOpenSSLClientConnectionCreator, identity_checked_tls(host, None))
+
     async def test_https_with_a_trusted_certificate(self) -> None:
         origin, trust_root = await self._tls_origin()
         fetcher = self.fetcher(tls_trust_root=trust_root)

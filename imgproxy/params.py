@@ -199,10 +199,11 @@ def canonical_source_url(url: str) -> str:
     host = parts.hostname or ""
     if ":" in host:
         try:
-            host = ipaddress.ip_address(host).compressed
+            host = f"[{ipaddress.ip_address(host).compressed}]"
         except ValueError:
-            pass  # a zone index: kept as written
-        host = f"[{host}]"
+            # A zone index ("[fe80::1%25eth0]"): kept as written, escape included.
+            bracketed = parts.netloc.rpartition("@")[2]
+            host = bracketed[: bracketed.find("]") + 1].lower()
     elif not host.isascii():
         try:
             host = idna.encode(host, uts46=True).decode("ascii")

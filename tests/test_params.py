@@ -117,6 +117,8 @@ class ParseImageQueryTests(SynchronousTestCase):
                          "https://xn--bcher-kva.test/%C3%A4%20b?q=%7E&r=%C3%BC")
         self.assertEqual(check_source_url("http://[::FFFF:1.2.3.4]:8080"),
                          "http://[::ffff:102:304]:8080/")
+        self.assertEqual(check_source_url("http://[FE80::1%25eth0]/a"),
+                         "http://[fe80::1%25eth0]/a")
 
     def test_different_sources_stay_different(self) -> None:
         urls = ["http://o.test/a", "http://o.test/a/", "http://o.test//a", "http://o.test/A",
@@ -255,3 +257,20 @@ class QueryFuzzTests(SynchronousTestCase):
             parse_image_query(raw, accept, None)
         except ProxyError as e:
             self.assertIn(e.status, (400, 403))
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.sampled_from(["http", "HTTPS", "Http"]),
+        st.sampled_from(["origin.test", "ORIGIN.test:80", "u:p@o.test:8443", "[::1]", "bü.test"]),
+        st.text(alphabet="ab./%2Fé ~+?#&=", max_size=40),
+    )
+    def test_the_canonical_spelling_is_its_own_canonical_spelling(
+        self, scheme: str, authority: str, rest: str
+    ) -> None:
+        try:
+            canonical = check_source_url(f"{scheme}://{authority}/{rest}")
+        except ProxyError as e:
+            self.assertEqual(e.status, 400)
+            return
+        self.assertEqual(check_source_url(canonical), canonical)
+        self.assertTrue(canonical.isascii())

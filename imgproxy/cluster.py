@@ -34,9 +34,9 @@ def purged_source_key(payload: bytes) -> str | None:
     ``serf event imgproxy-purge https://...`` on any serf agent of the cluster.
     """
     text = payload.decode("utf-8", "replace").strip()
-    if _SOURCE_KEY.fullmatch(text):
-        return text
-    if text.startswith(("http://", "https://")):
+    if _SOURCE_KEY.fullmatch(text.lower()):
+        return text.lower()
+    if text[:8].lower().startswith(("http://", "https://")):
         try:
             return source_key_of(check_source_url(text))
         except ProxyError:

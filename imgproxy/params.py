@@ -191,7 +191,8 @@ def canonical_source_url(url: str) -> str:
     (RFC 3986 6.2.2 and 6.2.3): scheme and host in lower case, an international
     host in IDNA, no default port, no user info or fragment (neither is sent),
     no empty query, no dot segments, a path of at least "/", and every character
-    that is not ASCII, and every escape, as an upper-case percent-escape.
+    that is not ASCII as an upper-case percent-escape; an escape of an unreserved
+    character ("%61", "%2E") is that character.
     ``url`` must have passed ``check_source_url``'s checks.
     """
     parts = urlsplit(url)
@@ -211,13 +212,25 @@ def canonical_source_url(url: str) -> str:
             pass  # the fetch refuses it with its own error
     port = parts.port
     netloc = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    path = _escapes_upper(quote(_remove_dot_segments(parts.path) or "/", safe=PATH_SAFE))
-    query = _escapes_upper(quote(parts.query, safe=QUERY_SAFE))
+    path = quote(_remove_dot_segments(_normal_escapes(parts.path)) or "/", safe=PATH_SAFE)
+    query = quote(_normal_escapes(parts.query), safe=QUERY_SAFE)
     return urlunsplit((scheme, netloc, path, query, ""))
 
 
-def _escapes_upper(text: str) -> str:
-    return _ESCAPE.sub(lambda m: m.group(0).upper(), text) if "%" in text else text
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normal_escapes(text: str) -> str:
+    """Escapes of unreserved characters decoded ("%61" is "a", "%2E" is "."), the rest
+    in upper case (RFC 3986 6.2.2.1 and 6.2.2.2)."""
+    if "%" not in text:
+        return text
+
+    def normal(match: re.Match[str]) -> str:
+        char = chr(int(match.group(0)[1:], 16))
+        return char if char in _UNRESERVED else match.group(0).upper()
+
+    return _ESCAPE.sub(normal, text)
 
 
 def _remove_dot_segments(path: str) -> str:

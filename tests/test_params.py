@@ -106,6 +106,9 @@ class ParseImageQueryTests(SynchronousTestCase):
             "http://origin.test/a/./b.jpg",
             "http://origin.test/a/x/../b.jpg",
             "http://origin.test/../a/b.jpg",
+            "http://origin.test/%61/b.jpg",
+            "http://origin.test/%2e/a/b.jpg",
+            "http://origin.test/a/%2E%2E/a/b.jpg",
         ]:
             with self.subTest(spelling=spelling):
                 self.assertEqual(check_source_url(spelling), canonical)
@@ -114,7 +117,7 @@ class ParseImageQueryTests(SynchronousTestCase):
 
     def test_escapes_and_international_text_have_one_spelling(self) -> None:
         self.assertEqual(check_source_url("https://bücher.test:443/ä%20b?q=%7e&r=ü"),
-                         "https://xn--bcher-kva.test/%C3%A4%20b?q=%7E&r=%C3%BC")
+                         "https://xn--bcher-kva.test/%C3%A4%20b?q=~&r=%C3%BC")
         self.assertEqual(check_source_url("http://[::FFFF:1.2.3.4]:8080"),
                          "http://[::ffff:102:304]:8080/")
         self.assertEqual(check_source_url("http://[FE80::1%25eth0]/a"),

@@ -66,8 +66,9 @@ class GossipedPurges:
             return
         key = purged_source_key(event.payload)
         if key is None:
-            self._log.info("ignoring a purge event that names no source: {payload!r}",
-                           payload=event.payload[:100])
+            # Debug: anyone who can gossip could otherwise fill the log with these.
+            self._log.debug("ignoring a purge event that names no source: {payload!r}",
+                            payload=event.payload[:100])
             return
         try:
             self._purge_source_key(key)

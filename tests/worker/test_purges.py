@@ -26,8 +26,12 @@ class PurgeEventPayloadTests(SynchronousTestCase):
         self.assertEqual(purged_source_key(URL.encode()), KEY)
         self.assertEqual(purged_source_key(b"  " + URL.encode() + b"\n"), KEY)
 
+    def test_any_spelling_of_the_url_or_key_names_the_source(self) -> None:
+        self.assertEqual(purged_source_key(KEY.upper().encode()), KEY)
+        self.assertEqual(purged_source_key(b"HTTP://Origin.test/./a.jpg#x"), KEY)
+
     def test_anything_else_names_no_source(self) -> None:
-        for payload in (b"", b"a.jpg", KEY.upper().encode(), KEY[:-1].encode(),
+        for payload in (b"", b"a.jpg", KEY[:-1].encode(),
                         b"ftp://origin.test/a.jpg", b"http://", b"\xff\xfe"):
             self.assertIsNone(purged_source_key(payload), payload)
 

@@ -60,6 +60,8 @@ ENCRYPTION_OVERHEAD = 29  # version byte, 12-byte nonce, 16-byte GCM tag
 # delegate range does not include its own protocol version.
 DELEGATE_VSN = (2, 5, 4)
 JOIN_RETRY_SECONDS = 2.0
+#: Members (not seeds) a node syncs with right after it joined.
+JOIN_SYNC_PEERS = 2
 LEAVE_TIMEOUT = 5.0
 STATE_POLL_SECONDS = 0.25
 
@@ -246,6 +248,7 @@ class MembershipService(Service):
         self.seeds = tuple(seeds)
         self.counters = MembershipCounters()
         self._tags = dict(tags)
+        self._rng = rng or random.Random()
         self._listeners: list[Callable[[MemberEvent], None]] = []
         # Failed or departed members, with when: shown after the table reaps them.
         self._departed: dict[str, tuple[Member, float]] = {}
@@ -267,7 +270,7 @@ class MembershipService(Service):
             send=self._send,
             on_event=self._on_event,
             request_push_pull=self._request_push_pull,
-            rng=rng or random.Random(),
+            rng=self._rng,
             vsn=(1, 5, PROTOCOL_VERSION, *DELEGATE_VSN),
             size_of=lambda message: len(encode_message(message)),
             packet_overhead=CRC_OVERHEAD + (ENCRYPTION_OVERHEAD if keyring else 0),
@@ -309,7 +312,9 @@ class MembershipService(Service):
                 f"a user event's name and payload exceed {USER_EVENT_SIZE_LIMIT} bytes"
             )
         event = self.events.create(name, payload)
-        self.node.queue_user_message(encode_user_event(event))
+        encoded = encode_user_event(event)
+        self.node.send_user_message_to_all(encoded)
+        self.node.queue_user_message(encoded)
         self._deliver(event)
         return event
 
@@ -459,6 +464,21 @@ class MembershipService(Service):
                            count=sum(1 for ok, answer in results if ok and answer is not None))
             if self._joiner is not None and self._joiner.running:
                 self._joiner.stop()
+            self._sync_with_others(set(addresses))
+
+    def _sync_with_others(self, seeds: set[Address]) -> None:
+        """Right after joining, one more push-pull with a few members that are not seeds.
+
+        A seed may have restarted a moment ago and know no recent events: the purges
+        this node missed while away must not wait for the next periodic push-pull.
+        """
+        me = self.node.name
+        others = [
+            m.address for m in self.node.members()
+            if m.name != me and m.state == NodeState.ALIVE and m.address not in seeds
+        ]
+        for addr in self._rng.sample(others, min(JOIN_SYNC_PEERS, len(others))):
+            self._request_push_pull(addr, False)
 
     @inlineCallbacks
     def _resolve_seeds(self):  # type: ignore[no-untyped-def]

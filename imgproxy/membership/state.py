@@ -1027,6 +1027,18 @@ class SwimNode:
             messages += self._user_broadcasts.get_broadcasts(COMPOUND_OVERHEAD, budget - used)
         return messages
 
+    def send_user_message_to_all(self, payload: bytes) -> None:
+        """Send ``payload`` at once to every member alive or suspect, one packet each.
+
+        For news too important to leave to gossip alone: a sender that stops right
+        after, or the few members random gossip misses, would otherwise learn it
+        only at their next push-pull.
+        """
+        message = UserMsg(payload)
+        for member in list(self._members.values()):
+            if member.name != self.name and member.state in (NodeState.ALIVE, NodeState.SUSPECT):
+                self._send_packet(member.address, [message])
+
     def queue_user_message(self, payload: bytes) -> None:
         """Gossip ``payload`` as a memberlist user message, a limited number of times."""
         self._user_broadcasts.queue(None, UserMsg(payload))

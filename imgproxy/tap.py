@@ -366,6 +366,10 @@ def build_node(config: Config, reactor: Any) -> MultiService:
             purges = GossipedPurges(images.purge_source_key, membership.events, config.cache_dir)
             purges.resume()
             membership.on_user_event(purges)
+            cache_of_images = images.cache
+            membership.on_events_lost(
+                lambda: purges.events_lost(cache_of_images.invalidate_all)
+            )
         if config.role == "worker":
             # Stopped before the listener: the worker stays reachable a moment after
             # leaving, so the new owners of its keys can still pull them.

@@ -129,6 +129,7 @@ class EventLog:
         # serf starts its event clock at 1: Lamport time 0 means "never".
         self._time = 1
         self._min_time = 0
+        self._gap_reported = False
         self._ring: dict[int, tuple[int, list[tuple[str, bytes]]]] = {}
 
     @property
@@ -149,6 +150,17 @@ class EventLog:
         """
         self._min_time = max(self._min_time, clock)
         self.witness(clock - 1)
+
+    def lost_since_resume(self, remote_time: int) -> bool:
+        """Whether events this node needed may be gone for good: it resumed from a
+        saved clock so far behind ``remote_time`` (a peer's clock) that the peer's
+        ring no longer reaches back to it. True once."""
+        if self._gap_reported or self._min_time == 0:
+            return False
+        if remote_time - self._size <= self._min_time:
+            return False
+        self._gap_reported = True
+        return True
 
     def create(self, name: str, payload: bytes) -> UserEvent:
         """A new event from this member, already recorded."""

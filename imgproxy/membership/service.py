@@ -254,6 +254,7 @@ class MembershipService(Service):
         self._departed: dict[str, tuple[Member, float]] = {}
         self._state_listeners: list[Callable[[], None]] = []
         self._user_event_listeners: list[Callable[[UserEvent], None]] = []
+        self._events_lost_listeners: list[Callable[[], None]] = []
         #: serf's user events: their clock and the recent ones, sent in every push-pull.
         self.events = EventLog()
         self._last_states: tuple[tuple[str, NodeState], ...] = ()
@@ -301,6 +302,11 @@ class MembershipService(Service):
         """Called once with every user event, from any member (serf agents too) or this one."""
         self._user_event_listeners.append(listener)
 
+    def on_events_lost(self, listener: Callable[[], None]) -> None:
+        """Called once if this node, resumed from a saved event clock, was away through
+        more events than members keep: some it missed are gone for good."""
+        self._events_lost_listeners.append(listener)
+
     def send_user_event(self, name: str, payload: bytes) -> UserEvent:
         """Gossip a serf user event to every member; it reaches this node's listeners too.
 
@@ -339,6 +345,12 @@ class MembershipService(Service):
             remote = decode_serf_state(user_state)
         except WireError:
             return  # not serf's state: a member that keeps no events
+        if self.events.lost_since_resume(remote.event_ltime):
+            for listener in list(self._events_lost_listeners):
+                try:
+                    listener()
+                except Exception:
+                    self._log.failure("an events-lost listener failed")
         if remote.event_ltime > 0:
             # No event has been sent at the remote's current time yet.
             self.events.witness(remote.event_ltime - 1)

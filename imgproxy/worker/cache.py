@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,8 @@ _SHARD = re.compile(r"[0-9a-f]{2}\Z")
 _TEMP_SUFFIX = ".tmp"
 #: Held (flock) by the process that uses the directory.
 LOCK_FILE = ".lock"
+#: Holds the time before which every entry is stale (``invalidate_all``).
+NOT_BEFORE_FILE = "not-before"
 # O_NONBLOCK: opening a FIFO (or a device) put in the cache directory must not
 # block the reactor; a regular file ignores the flag. What it reads is then
 # refused as corrupt, and the path removed.
@@ -257,6 +260,8 @@ class DiskCache:
         self._temp_counter = 0
         self._started = False
         self._lock_fd: int | None = None
+        # Entries created before this are stale whatever their age (``invalidate_all``).
+        self._not_before = 0.0
 
     # -- lookups: the hot path -------------------------------------------------------------
 
@@ -266,7 +271,7 @@ class DiskCache:
         if slot is None:
             self._misses += 1
             return None
-        if self._clock.seconds() - slot[1] >= self._ttl:
+        if self._clock.seconds() - slot[1] >= self._ttl or slot[1] < self._not_before:
             self._stale += 1
             self._misses += 1
             return None
@@ -275,7 +280,7 @@ class DiskCache:
     def get_stale_ok(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` however old, or None: for handing entries between workers."""
         slot = self._index.get(key)
-        if slot is None:
+        if slot is None or slot[1] < self._not_before:
             self._misses += 1
             return None
         return self._serve(key, slot[0])
@@ -574,6 +579,7 @@ class DiskCache:
             )
             return
         self._lock_root()
+        self._not_before = max(self._not_before, self._read_not_before())
         found: list[tuple[float, str]] = []
         temps = 0
         work = 0
@@ -629,6 +635,32 @@ class DiskCache:
             evicted=self._evictions - before,
             seconds=self._clock.seconds() - began,
         )
+
+    def invalidate_all(self) -> None:
+        """Make every entry stored so far stale, now and after a restart: for a node
+        that cannot know what was purged while it was away. Each is fetched again."""
+        self._not_before = self._clock.seconds()
+        path = os.path.join(self._root, NOT_BEFORE_FILE)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w") as out:
+                out.write(repr(self._not_before))
+            os.replace(temporary, path)
+        except OSError as e:
+            self._log.warn("cannot save {path}: {reason}", path=path, reason=e.strerror)
+
+    def _read_not_before(self) -> float:
+        path = os.path.join(self._root, NOT_BEFORE_FILE)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return 0.0
+                return float(os.read(fd, 64).strip() or b"0")
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return 0.0
 
     def _lock_root(self) -> None:
         """Say so when another process already uses this directory (by accident, as a

@@ -61,6 +61,13 @@ class GossipedPurges:
         if clock > 0:
             self._events.resume(clock)
 
+    def events_lost(self, invalidate_all: Callable[[], None]) -> None:
+        """Away through more purges than the cluster keeps: which of them concern this
+        cache is unknown, so every entry it holds is fetched again before it is served."""
+        self._log.warn("this node was away through more purges than the cluster keeps: "
+                       "its cached images are fetched again before they are served")
+        invalidate_all()
+
     def __call__(self, event: UserEvent) -> None:
         if event.name != PURGE_EVENT:
             return

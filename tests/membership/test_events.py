@@ -123,6 +123,14 @@ class EventLogTests(SynchronousTestCase):
         self.assertFalse(log.record(UserEvent(19, "handled before the restart", b"")))
         self.assertTrue(log.record(UserEvent(20, "missed while away", b"")))
 
+    def test_a_node_resumed_far_behind_the_ring_knows_it_lost_events_once(self) -> None:
+        log = EventLog(size=512)
+        self.assertFalse(log.lost_since_resume(5000))  # a fresh node has nothing to lose
+        log.resume(100)
+        self.assertFalse(log.lost_since_resume(612))  # the ring still reaches back to 100
+        self.assertTrue(log.lost_since_resume(613))
+        self.assertFalse(log.lost_since_resume(5000))
+
     def test_events_at_one_time_are_bounded(self) -> None:
         log = EventLog()
         for n in range(EVENTS_PER_TIME):

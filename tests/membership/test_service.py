@@ -427,6 +427,16 @@ class UserEventTests(Started):
         state = decode_serf_state(self.service.local_state(join=False).user_state)
         self.assertEqual((state.events, state.event_ltime), ((event,), event.ltime + 1))
 
+    def test_a_node_away_through_more_events_than_kept_is_told_once(self) -> None:
+        lost: list[bool] = []
+        self.service.on_events_lost(lambda: lost.append(True))
+        self.service.events.resume(10)
+        user_state = encode_serf_state(SerfState(event_ltime=10 + 512 + 1))
+        remote = PushPull(join=True, states=(peer_state(),), user_state=user_state)
+        self.service.merge(remote)
+        self.service.merge(remote)
+        self.assertEqual(lost, [True])
+
     def test_events_missed_while_away_arrive_in_a_push_pull_once(self) -> None:
         missed = (UserEvent(30, "imgproxy-purge", b"a" * 64), UserEvent(31, "deploy", b""))
         user_state = encode_serf_state(SerfState(event_ltime=40, events=missed))

@@ -393,6 +393,20 @@ class RestartTests(CacheTestCase):
         entry = second.put(variant_key(URL_A, 1), b"img", "image/png", URL_A)
         self.assertEqual(second.get(entry.key), entry)
 
+    def test_invalidate_all_makes_every_entry_so_far_stale_also_after_a_restart(self) -> None:
+        cache = self.started()
+        old = cache.put(variant_key(URL_A, 1), b"old", "image/png", URL_A)
+        self.clock.advance(1)
+        cache.invalidate_all()
+        self.assertIsNone(cache.get(old.key))
+        self.assertIsNone(cache.get_stale_ok(old.key))  # not handed to other workers either
+        self.clock.advance(1)
+        new = cache.put(variant_key(URL_B, 1), b"new", "image/png", URL_B)
+        self.assertEqual(cache.get(new.key), new)
+        restarted = self.started()
+        self.assertIsNone(restarted.get(old.key))
+        self.assertEqual(restarted.get(new.key), new)
+
     def test_foreign_files_are_left_alone(self) -> None:
         os.makedirs(os.path.join(self.root, "zz"))
         stray = os.path.join(self.root, "README")

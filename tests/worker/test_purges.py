@@ -92,6 +92,12 @@ class GossipedPurgesTests(SynchronousTestCase):
         self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         self.assertEqual(self.purged, [KEY])
 
+    def test_purges_lost_for_good_make_the_whole_cache_stale(self) -> None:
+        purges, _ = self.node()
+        invalidated: list[bool] = []
+        purges.events_lost(lambda: invalidated.append(True))
+        self.assertEqual(invalidated, [True])
+
     def test_a_fifo_in_place_of_the_clock_is_not_read(self) -> None:
         os.mkfifo(os.path.join(self.cache_dir, EVENT_CLOCK_FILE))
         with hangs_fail_after(5):

@@ -46,6 +46,10 @@ class GossipedPurges:
         self._purge_source_key = purge_source_key
         self._events = events
         self._path = os.path.join(cache_dir, EVENT_CLOCK_FILE)
+        # Once a purge could not be applied, the clock stays where it was: a restart
+        # applies that purge again (and everything after it).
+        self._failed = False
+        self._saved = 0
 
     def resume(self) -> None:
         """Skip the events handled before a restart (none after a fresh start)."""
@@ -69,23 +73,30 @@ class GossipedPurges:
         invalidate_all()
 
     def __call__(self, event: UserEvent) -> None:
-        if event.name != PURGE_EVENT:
-            return
-        key = purged_source_key(event.payload)
-        if key is None:
-            # Debug: anyone who can gossip could otherwise fill the log with these.
-            self._log.debug("ignoring a purge event that names no source: {payload!r}",
-                            payload=event.payload[:100])
-            return
-        try:
-            self._purge_source_key(key)
-        except ProxyError as error:
-            # The clock is not saved: after a restart, this purge is applied again.
-            self._log.warn("gossiped purge of {key}: {reason}", key=key, reason=error.reason)
-            return
-        self._save(self._events.time)
+        # Every event handled moves the saved clock, other names too: a node that saw
+        # only other events for a while must not look, after a restart, as if it had
+        # missed them all (and throw its cache away for it).
+        if event.name == PURGE_EVENT:
+            key = purged_source_key(event.payload)
+            if key is None:
+                # Debug: anyone who can gossip could otherwise fill the log with these.
+                self._log.debug("ignoring a purge event that names no source: {payload!r}",
+                                payload=event.payload[:100])
+            else:
+                try:
+                    self._purge_source_key(key)
+                except ProxyError as error:
+                    # The clock is not saved: after a restart, this purge is applied again.
+                    self._log.warn("gossiped purge of {key}: {reason}", key=key,
+                                   reason=error.reason)
+                    self._failed = True
+        if not self._failed:
+            self._save(self._events.time)
 
     def _save(self, clock: int) -> None:
+        if clock == self._saved:
+            return
+        self._saved = clock
         temporary = f"{self._path}.{os.getpid()}.tmp"
         try:
             with open(temporary, "wb") as out:

@@ -73,6 +73,36 @@ class GossipedPurgesTests(SynchronousTestCase):
             self.deliver(purges, events, event)
         self.assertEqual(self.purged, [purged_source_key(missed.payload)])
 
+    def test_other_events_move_the_saved_clock_too(self) -> None:
+        # Else a node that saw 600 deploy events and no purge would, after a restart,
+        # look as if it had missed them all.
+        purges, events = self.node()
+        self.deliver(purges, events, UserEvent(700, "deploy", b"v2"))
+        purges, events = self.node()
+        self.assertEqual(events.time, 701)
+        self.assertFalse(events.lost_since_resume(1000))
+
+    def test_after_a_failed_purge_the_clock_stays_before_it(self) -> None:
+        failing = [True]
+
+        def purge(key: str) -> None:
+            if failing[0]:
+                raise ProxyError(503, "the purge is incomplete")
+            self.purged.append(key)
+
+        events = EventLog()
+        purges = GossipedPurges(purge, events, self.cache_dir)
+        self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
+        failing[0] = False
+        later = UserEvent(9, PURGE_EVENT, purge_event_payload("http://origin.test/b.jpg"))
+        self.deliver(purges, events, later)
+        # After a restart both come again: the failed one, and what followed it.
+        purges, events = self.node()
+        self.purged.clear()
+        for event in (UserEvent(5, PURGE_EVENT, KEY.encode()), later):
+            self.deliver(purges, events, event)
+        self.assertEqual(len(self.purged), 2)
+
     def test_an_unreadable_clock_applies_every_recent_purge_again(self) -> None:
         with open(os.path.join(self.cache_dir, EVENT_CLOCK_FILE), "wb") as broken:
             broken.write(b"garbage")

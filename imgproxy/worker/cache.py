@@ -65,6 +65,26 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _HEAD_READ = 4096
 
 
+def read_small_file(path: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of a regular file in the cache directory (the node's own
+    bookkeeping); ``OSError`` for anything else there, which is never waited on."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def write_small_file(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (a reader sees the old or the new)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
 class PurgeIncomplete(Exception):
     """Some of a purged source's files are still on disk (a read-only or failing disk)."""
 
@@ -334,8 +354,13 @@ class DiskCache:
         created: float | None = None,
     ) -> CacheEntry:
         """The entry ``put`` would store, without storing it."""
+        return self._encode(key, body, content_type, source_url, created)[1]
+
+    def _encode(
+        self, key: str, body: bytes, content_type: str, source_url: str, created: float | None
+    ) -> tuple[bytes, CacheEntry]:
         when = self._clock.seconds() if created is None else created
-        return encode_entry(key, body, content_type, when, source_url)[1]
+        return encode_entry(key, body, content_type, when, source_url)
 
     def put(
         self,
@@ -354,8 +379,7 @@ class DiskCache:
         """
         if not _ENTRY_KEY.match(key):
             raise ValueError(f"not a cache key: {key!r}")
-        when = self._clock.seconds() if created is None else created
-        data, entry = encode_entry(key, body, content_type, when, source_url)
+        data, entry = self._encode(key, body, content_type, source_url, created)
         size = len(data)
         if size > self._max_bytes:
             # The old body is superseded and the new one cannot be kept.
@@ -391,11 +415,11 @@ class DiskCache:
         (an entry larger than what the disk holds for us), give up none."""
         try:
             stats = os.statvfs(directory)
-            free = stats.f_bavail * stats.f_frsize
+            free, block = stats.f_bavail * stats.f_frsize, stats.f_frsize
         except OSError:
-            free = 0
-        # The file system's own overhead per file: a block, rounded up, per entry.
-        missing = size - free + (stats.f_frsize if free else 0)
+            free = block = 0
+        # Plus a block: the file system's own rounding of the new file.
+        missing = size - free + block
         if missing > self._bytes:
             return
         self._evict_to(max(0, self._bytes - missing))
@@ -641,24 +665,15 @@ class DiskCache:
         that cannot know what was purged while it was away. Each is fetched again."""
         self._not_before = self._clock.seconds()
         path = os.path.join(self._root, NOT_BEFORE_FILE)
-        temporary = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(temporary, "w") as out:
-                out.write(repr(self._not_before))
-            os.replace(temporary, path)
+            write_small_file(path, repr(self._not_before).encode("ascii"))
         except OSError as e:
-            self._log.warn("cannot save {path}: {reason}", path=path, reason=e.strerror)
+            self._log.warn("cannot save {path}: {reason}", path=path, reason=e)
 
     def _read_not_before(self) -> float:
-        path = os.path.join(self._root, NOT_BEFORE_FILE)
         try:
-            fd = os.open(path, _READ_FLAGS)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return 0.0
-                return float(os.read(fd, 64).strip() or b"0")
-            finally:
-                os.close(fd)
+            saved = read_small_file(os.path.join(self._root, NOT_BEFORE_FILE), 64)
+            return float(saved.strip() or b"0")
         except (OSError, ValueError):
             return 0.0
 

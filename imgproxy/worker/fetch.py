@@ -64,7 +64,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from imgproxy.errors import ProxyError
-from imgproxy.params import PATH_SAFE, QUERY_SAFE, check_source_url
+from imgproxy.params import PATH_SAFE, QUERY_SAFE, check_source_url, idna_host
 from imgproxy.quietpool import QuietConnectionPool
 from imgproxy.worker.addresses import AddressPolicy, IPAddress, parse_ip_literal
 
@@ -122,12 +122,10 @@ def request_url(url: str) -> bytes:
         ascii_host = f"[{literal.compressed}]"
     else:
         try:
-            # IDNA 2008 with UTS 46 mapping, as browsers and curl do: Python's own
-            # "idna" codec (IDNA 2003) turns "faß.de" into another domain, "fass.de".
             if host.isascii():
                 ascii_host = host.encode("idna").decode("ascii")  # checks the labels
             else:
-                ascii_host = idna.encode(host, uts46=True).decode("ascii")
+                ascii_host = idna_host(host)
         except (UnicodeError, idna.IDNAError):
             raise ProxyError(502, f"the host name {host!r} cannot be encoded") from None
     netloc = ascii_host if parts.port is None else f"{ascii_host}:{parts.port}"

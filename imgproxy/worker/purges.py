@@ -11,7 +11,6 @@ serf's snapshot does.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 
 from twisted.logger import Logger
@@ -19,20 +18,10 @@ from twisted.logger import Logger
 from imgproxy.cluster import PURGE_EVENT, purged_source_key
 from imgproxy.errors import ProxyError
 from imgproxy.membership.events import EventLog, UserEvent
+from imgproxy.worker.cache import read_small_file, write_small_file
 
 #: The file, in the cache directory, that holds the event clock reached.
 EVENT_CLOCK_FILE = "event-clock"
-
-
-def _read_regular_file(path: str, limit: int) -> bytes:
-    """The first ``limit`` bytes of a regular file; never blocks on a FIFO put there."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
 
 
 class GossipedPurges:
@@ -54,7 +43,7 @@ class GossipedPurges:
     def resume(self) -> None:
         """Skip the events handled before a restart (none after a fresh start)."""
         try:
-            clock = int(_read_regular_file(self._path, 32).strip() or b"0")
+            clock = int(read_small_file(self._path, 32).strip() or b"0")
         except FileNotFoundError:
             return
         except (OSError, ValueError) as error:
@@ -97,11 +86,8 @@ class GossipedPurges:
         if clock == self._saved:
             return
         self._saved = clock
-        temporary = f"{self._path}.{os.getpid()}.tmp"
         try:
-            with open(temporary, "wb") as out:
-                out.write(b"%d\n" % clock)
-            os.replace(temporary, self._path)
+            write_small_file(self._path, b"%d\n" % clock)
         except OSError as error:
             self._log.warn("cannot save the event clock in {path}: {error}",
                            path=self._path, error=error)

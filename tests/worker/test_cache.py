@@ -601,6 +601,16 @@ class FailingDiskTests(CacheTestCase):
         self.addCleanup(subprocess.run, ["umount", "-l", path], capture_output=True)
         return path
 
+    def remount_read_only(self, root: str) -> None:
+        """Make the tmpfs at ``root`` read-only (writable again after the test)."""
+        remount = ["mount", "-o", "remount,ro", root]
+        if subprocess.run(remount, capture_output=True).returncode != 0:
+            raise SkipTest("cannot remount the tmpfs read-only")
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", root], capture_output=True)
+
+    def remount_writable(self, root: str) -> None:
+        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+
     def fill_disk(self, root: str) -> str:
         filler = os.path.join(root, "filler")
         with open(filler, "wb", buffering=0) as f:
@@ -674,16 +684,13 @@ class FailingDiskTests(CacheTestCase):
         root = self.mount_tmpfs(size="1m")
         cache = self.make_cache(root=root)
         kept = cache.put(variant_key(URL_A, 1), b"img", "image/png", URL_A)
-        remount = ["mount", "-o", "remount,ro", root]
-        if subprocess.run(remount, capture_output=True).returncode != 0:
-            raise SkipTest("cannot remount the tmpfs read-only")
-        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", root], capture_output=True)
+        self.remount_read_only(root)
         lost = cache.put(variant_key(URL_B, 1), b"img", "image/png", URL_B)
         self.assertNotCached(cache, lost, b"img")
         self.assertEqual(cache.get(kept.key), kept)
         self.assertEqual(cache.stats.write_errors, 1)
 
-        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+        self.remount_writable(root)
         again = cache.put(variant_key(URL_B, 1), b"img", "image/png", URL_B)
         self.assertEqual(cache.get(again.key), again)
 
@@ -691,15 +698,12 @@ class FailingDiskTests(CacheTestCase):
         root = self.mount_tmpfs(size="1m")
         cache = self.make_cache(root=root)
         entry = cache.put(variant_key(URL_A, 1), b"img", "image/png", URL_A)
-        remount = ["mount", "-o", "remount,ro", root]
-        if subprocess.run(remount, capture_output=True).returncode != 0:
-            raise SkipTest("cannot remount the tmpfs read-only")
-        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", root], capture_output=True)
+        self.remount_read_only(root)
         with self.assertRaises(PurgeIncomplete):
             cache.purge_source(source_key_of(URL_A))
         # Not served by this process again, but its file is still there for a restart.
         self.assertIsNone(cache.get(entry.key))
-        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+        self.remount_writable(root)
         self.assertEqual(self.started(root=root).get(entry.key), entry)
 
     def test_read_only_directory_put_serves_uncached(self) -> None:

@@ -194,6 +194,10 @@ class NodeChannel(HTTPChannel):
     #: The request line, and the request line with every header: Twisted's 16 KiB.
     MAX_LENGTH = MAX_REQUEST_HEAD
     totalHeadersSize = MAX_REQUEST_HEAD
+    # Lines may end in a bare LF (RFC 9112 2.2 lets a recipient accept one, and nginx
+    # does): split on LF and drop the CR before it. Waiting for a CRLF that a client
+    # never sends would hold its request until the idle timeout.
+    delimiter = b"\n"
 
     # Twisted's idle timeout starts again with every byte: a client sending one
     # byte every few seconds would hold a connection for ever. A request, head
@@ -230,6 +234,9 @@ class NodeChannel(HTTPChannel):
             raw_json_response(408, b"Request Timeout", "the request took too long to arrive")
         )
         self.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        HTTPChannel.lineReceived(self, line.rstrip(b"\r"))
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")

@@ -134,6 +134,32 @@ class ProtocolErrorTests(WireExchange):
         self.assertTrue(options.startswith(b"HTTP/1.1 200"), options)
 
 
+class LineEndingTests(WireExchange):
+    """Lines may end in CRLF or in a bare LF (RFC 9112 2.2), as nginx reads them."""
+
+    def exchange(self, data: bytes, root: NodeRoot | None = None, **site_options: Any) -> bytes:
+        health = NodeRoot({b"health": JsonDocument(lambda: {"ok": True})})
+        return super().exchange(data, root or health, **site_options)
+
+    def test_a_request_in_bare_lf_is_answered_not_left_waiting(self) -> None:
+        response = self.exchange(b"GET /health HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:80])
+
+    def test_mixed_line_ends_and_pipelined_requests_are_each_answered(self) -> None:
+        response = self.exchange(
+            b"GET /health HTTP/1.1\r\nHost: x\n\r\n"
+            b"GET /nope HTTP/1.1\nHost: x\r\n\n"
+        )
+        self.assertEqual(response.count(b"HTTP/1.1 200 "), 1, response)
+        self.assertEqual(response.count(b"HTTP/1.1 404 "), 1, response)
+
+    def test_the_length_limits_hold_for_bare_lf_lines_too(self) -> None:
+        long_line = self.exchange(b"GET /" + b"a" * 20000 + b" HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(long_line.startswith(b"HTTP/1.1 414 "), long_line[:80])
+        long_header = self.exchange(b"GET / HTTP/1.1\nX-Big: " + b"b" * 20000 + b"\n\n")
+        self.assertTrue(long_header.startswith(b"HTTP/1.1 431 "), long_header[:80])
+
+
 class ServerHeaderTests(WireExchange):
     def test_responses_name_the_product_but_not_the_framework_or_its_version(self) -> None:
         root = NodeRoot({b"health": JsonDocument(lambda: {"ok": True})})

@@ -193,7 +193,7 @@ class Config:
     fetch_queue: int = 256
     transform_threads: int = attrs.field(factory=lambda: os.cpu_count() or 2)
     transform_queue: int = 64
-    max_frames: int = 200
+    max_frames: int = 500
     membership_profile: str = "lan"
     load_epsilon: float = 0.25
 

@@ -69,7 +69,7 @@ class Options(usage.Options):
         ["fetch-queue", None, "256", "source downloads that may wait before 503"],
         ["transform-threads", None, None, "image transform threads (default: the cores)"],
         ["transform-queue", None, "64", "transforms that may wait before 503"],
-        ["max-frames", None, "200", "animation frames kept; longer animations get 413"],
+        ["max-frames", None, "500", "frames an animation may keep (not a still of it); more: 413"],
         ["membership-profile", None, "lan", "memberlist timing profile: lan or local"],
         ["load-epsilon", None, "0.25", "bounded-load slack: in-flight cap is (1+e) x mean"],
     ]

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import assemble  # noqa: E402
+import avif_quality  # noqa: E402
 import corpus  # noqa: E402 - bench/ is not a package; its modules import each other by name
 import pillow_ceiling  # noqa: E402
 import profiles  # noqa: E402
@@ -198,3 +199,23 @@ class AssembleTests(SynchronousTestCase):
             "![a](bench/results/hits.png) ![b](bench/results/soak-long-cluster.png) "
             "[c](other.md) ![d](https://x/y.png)",
         )
+
+
+class AvifQualityMatchTests(SynchronousTestCase):
+    SWEEP = [(40, 35.0), (50, 37.5), (60, 39.5), (70, 41.5)]
+
+    def test_the_match_is_interpolated_between_the_sweep_points_around_it(self) -> None:
+        self.assertEqual(avif_quality.matching_quality(38.5, self.SWEEP), 55.0)
+        self.assertEqual(avif_quality.matching_quality(39.5, self.SWEEP), 60.0)
+
+    def test_a_target_outside_the_sweep_is_its_nearest_end(self) -> None:
+        self.assertEqual(avif_quality.matching_quality(30.0, self.SWEEP), 40.0)
+        self.assertEqual(avif_quality.matching_quality(50.0, self.SWEEP), 70.0)
+
+    def test_psnr_of_an_exact_copy_is_the_cap_and_drops_with_noise(self) -> None:
+        photo = Image.effect_noise((64, 48), 40).convert("RGB")
+        exact = io.BytesIO()
+        photo.save(exact, "PNG")
+        self.assertEqual(avif_quality.luma_psnr(photo, exact.getvalue()), 100.0)
+        lossy = avif_quality.encoded(photo, "JPEG", 30)
+        self.assertLess(avif_quality.luma_psnr(photo, lossy), 40.0)

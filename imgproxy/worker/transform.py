@@ -41,6 +41,9 @@ SUPPORTED_FORMATS = ("jpeg", "png", "webp", "gif", "avif")
 ANIMATED_OUTPUTS = frozenset({"webp", "gif", "avif"})
 #: An animation may decode at most this many times ``max_pixels``, all frames together.
 FRAME_PIXEL_BUDGET = 4
+#: GIF frame delays up to this (ms) are played as GIF_SHORT_DELAY_PLAYED_AS by browsers.
+GIF_SHORT_DELAY = 10
+GIF_SHORT_DELAY_PLAYED_AS = 100
 
 # JPEGs decode through the DCT at 1/2..1/8 scale to no less than the target
 # ("shrink on load", as libvips and thumbor do), then Lanczos with a reducing gap.
@@ -55,6 +58,14 @@ RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
 
 PNG_COMPRESS_LEVEL = 6
+#: ``q`` is a JPEG's quality for every lossy output. WebP's encoder is on about
+#: that scale; libavif's is finer (its 80 looks like a JPEG's 90, at the bytes of
+#: one): these are the AVIF qualities whose luma PSNR equals a JPEG's at each q,
+#: on the Plasma wallpaper photos at 640 px (bench/avif_quality.py, BENCHMARKS.md).
+AVIF_QUALITY_POINTS = (
+    (0, 0), (30, 33), (50, 43), (60, 47), (70, 53), (80, 63), (85, 68), (90, 77), (95, 89),
+    (100, 100),
+)
 WEBP_METHOD = 4
 AVIF_SPEED = 8
 # WebP keeps its play count in 16 bits (a GIF's 65535 repeats are one play more).
@@ -120,7 +131,7 @@ class TransformLimits:
     """How much a single source may cost to decode."""
 
     max_pixels: int = 50_000_000
-    max_frames: int = 200
+    max_frames: int = 500
 
 
 @attrs.frozen
@@ -405,8 +416,8 @@ def _open(data: bytes, fmt: str, limits: TransformLimits) -> tuple[Image.Image, 
     width, height = image.size
     _check_pixels(width, height, limits)
     # A JPEG with more frames is an MPO (stereo pairs, previews): show the first.
+    # The frame limits apply only where the frames are kept (see _transform).
     frames = 1 if fmt == "jpeg" else int(getattr(image, "n_frames", 1))
-    _check_frames(width, height, frames, limits)
     info = SourceInfo(
         format=fmt,
         width=width,
@@ -431,7 +442,9 @@ def probe_source(data: bytes, limits: TransformLimits) -> SourceInfo:
     """Identify a source by its magic bytes and check it against ``limits``.
 
     Reads headers only (and, for animations, the frame structure): 415 for
-    what is not a supported image, 413 for what is over the limits.
+    what is not a supported image, 413 for a frame over the pixel limit.  The
+    frame limits wait for a request that keeps the animation: a still of a
+    long one is fine.
     """
     fmt = sniff_format(data)
     with _mapped_errors():
@@ -476,6 +489,9 @@ def _transform(
     width, height = info.width, info.height
     if orientation in _SWAPS_AXES:
         width, height = height, width
+    if animated:
+        # A still, even from a long animation, decodes one frame: no frame limit.
+        _check_frames(info.width, info.height, info.frames, limits)
     geometry = output_geometry(width, height, spec.width, spec.height, spec.fit)
     _check_output(geometry, info.frames if animated else 1, limits)
     # Geometry in the stored orientation: the pixels are resized before they
@@ -484,6 +500,8 @@ def _transform(
     icc_profile = image.info.get("icc_profile") or None
     if animated:
         frames, durations = _render_animation(image, stored, orientation)
+        if info.format == "gif" and out_format != "gif":
+            durations = [_as_browsers_play_gif(duration) for duration in durations]
         play_count = _play_count(image, info.format, source)
     else:
         # A palette image that needs no resampling keeps its exact palette,
@@ -505,6 +523,15 @@ def _keeps_animation(source_format: str, out_format: str) -> bool:
     # An animated PNG stays one as PNG; a GIF asked for as PNG becomes a still,
     # as with thumbor and imgproxy: few expect a .png to move.
     return out_format in ANIMATED_OUTPUTS or out_format == source_format == "png"
+
+
+def _as_browsers_play_gif(duration: int) -> int:
+    """A GIF frame's delay in milliseconds as browsers play it.
+
+    Browsers (and most viewers) play a GIF delay of 0 or 10 ms as 100 ms; a WebP
+    or AVIF frame is played as long as it says, so the delay is written as seen.
+    """
+    return GIF_SHORT_DELAY_PLAYED_AS if duration <= GIF_SHORT_DELAY else duration
 
 
 def _play_count(image: Image.Image, source_format: str, source: bytes) -> int:
@@ -805,6 +832,8 @@ def _encode(
     ):
         frames = _to_srgb(frames, icc_profile)
     outputs = [_clean(_output_mode(frame, out_format, icc_profile)) for frame in frames]
+    if len(outputs) == 1 and out_format in ("png", "webp", "avif"):
+        outputs[0] = _without_opaque_alpha(outputs[0])
     first = outputs[0]
     # A CMYK profile does not describe the RGB that replaced it.
     profile = None if cmyk_source else _profile_fits(icc_profile, first)
@@ -818,7 +847,7 @@ def _encode(
     elif out_format == "webp":
         options.update(quality=quality, method=WEBP_METHOD)
     elif out_format == "avif":
-        options.update(quality=quality, speed=AVIF_SPEED)
+        options.update(quality=avif_quality(quality), speed=AVIF_SPEED)
     if len(outputs) > 1:
         options.update(save_all=True, append_images=outputs[1:], duration=durations)
         if out_format == "gif":
@@ -838,6 +867,26 @@ def _encode(
     if out_format == "webp" and len(outputs) > 1 and any(_translucent(f) for f in outputs):
         return _mark_webp_alpha(buffer.getvalue())
     return buffer.getvalue()
+
+
+def avif_quality(quality: int) -> int:
+    """The AVIF encoder quality that looks like a JPEG at ``quality`` (1..100)."""
+    points = AVIF_QUALITY_POINTS
+    for (q0, a0), (q1, a1) in zip(points, points[1:], strict=False):
+        if quality <= q1:
+            return round(a0 + (a1 - a0) * (quality - q0) / (q1 - q0))
+    return points[-1][1]
+
+
+def _without_opaque_alpha(image: Image.Image) -> Image.Image:
+    """The image without its alpha channel if every pixel is opaque.
+
+    Sources often carry an alpha channel they never use; left in, it costs a
+    PNG a quarter more bytes and makes a WebP or AVIF store a plane of 255s.
+    """
+    if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema()[0] == 255:
+        return image.convert("RGB" if image.mode == "RGBA" else "L")
+    return image
 
 
 def _translucent(frame: Image.Image) -> bool:

@@ -105,11 +105,13 @@ class LimitTests(BadSourceTestCase):
         self.assertLess(after["VmHWM"] - before["VmHWM"], MEMORY_JUMP_KB, (before, after))
         self.assertLess(after["VmRSS"] - before["VmRSS"], MEMORY_JUMP_KB, (before, after))
 
-    async def test_gif_with_thousands_of_frames_gets_413(self) -> None:
+    async def test_gif_with_thousands_of_frames_gets_413_but_its_still_is_served(self) -> None:
         path = self.origin.serve("/frames.gif", many_frames_gif(3000), "image/gif")
         reply = await self.get(path, w=10)
         assert_json_error(reply, 413)
         self.assertIn("3000 frames", reply.json()["error"])
+        still = await self.get(path, w=10, format="png")
+        self.assertEqual((still.status, still.header("content-type")), (200, "image/png"))
 
     async def test_declared_huge_body_gets_413_and_is_not_read(self) -> None:
         path, stream = self.origin.oversized_declared()

@@ -21,6 +21,7 @@ from imgproxy.worker.transform import (
     TransformedImage,
     TransformLimits,
     _header_size,
+    avif_quality,
     output_geometry,
     probe_source,
     sniff_format,
@@ -250,6 +251,23 @@ class FormatTests(SynchronousTestCase):
                 out = images.decode(result.body)
                 self.assertEqual((out.format.lower(), out.size), (fmt, (16, 12)), (name, fmt))
 
+    def test_an_alpha_channel_no_pixel_uses_is_dropped(self) -> None:
+        opaque = images.encode(images.photo(64, 48).convert("RGBA"), "PNG")
+        opaque_grey = images.encode(images.photo(64, 48).convert("LA"), "PNG")
+        for source, fmt, mode in (
+            (opaque, "png", "RGB"), (opaque, "webp", "RGB"), (opaque, "avif", "RGB"),
+            (opaque_grey, "png", "L"),
+        ):
+            result = transform_image(source, spec(width=32, output_format=fmt), LIMITS)
+            self.assertEqual(images.decode(result.body).mode, mode, fmt)
+
+    def test_an_alpha_channel_some_pixel_uses_is_kept(self) -> None:
+        for fmt in ("png", "webp", "avif"):
+            result = transform_image(images.rgba_png(60, 40), spec(output_format=fmt), LIMITS)
+            out = images.decode(result.body).convert("RGBA")
+            self.assertEqual(out.getpixel((5, 5))[3], 0, fmt)
+            self.assertEqual(out.getpixel((55, 5))[3], 255, fmt)
+
     def test_an_mpo_is_shown_as_its_first_image(self) -> None:
         left, right = images.stripes(40, 30, (images.RED,)), images.stripes(40, 30, (images.BLUE,))
         source = images.encode(left, "MPO", save_all=True, append_images=[right])
@@ -281,6 +299,20 @@ class FormatTests(SynchronousTestCase):
             low = transform_image(source, spec(output_format=fmt, quality=20), LIMITS)
             high = transform_image(source, spec(output_format=fmt, quality=95), LIMITS)
             self.assertLess(len(low.body) * 1.5, len(high.body), fmt)
+
+    def test_q_is_a_jpeg_quality_for_avif_too(self) -> None:
+        # libavif's scale is finer than a JPEG's: its 63 matches a JPEG's 80
+        # (bench/avif_quality.py), and q=80 must not make AVIF the largest format.
+        self.assertEqual(avif_quality(80), 63)
+        self.assertEqual((avif_quality(1), avif_quality(100)), (1, 100))
+        qualities = [avif_quality(q) for q in range(1, 101)]
+        self.assertEqual(qualities, sorted(qualities))
+        source = images.encode(images.photo(), "PNG")
+        sizes = {
+            fmt: len(transform_image(source, spec(output_format=fmt, quality=80), LIMITS).body)
+            for fmt in ("jpeg", "webp", "avif")
+        }
+        self.assertLess(sizes["avif"], sizes["jpeg"], sizes)
 
     def test_rgba_to_jpeg_is_composited_on_white(self) -> None:
         result = transform_image(images.rgba_png(), spec(output_format="jpeg"), LIMITS)
@@ -558,6 +590,25 @@ class AnimationTests(SynchronousTestCase):
                 self.assertTrue(close(out.convert("RGB").getpixel((35, 25)), colour), (fmt, index))
                 self.assertEqual(out.info.get("duration"), 70, (fmt, index))
 
+    def test_short_gif_delays_are_written_as_browsers_play_them(self) -> None:
+        # Browsers play a GIF delay of 0 or 10 ms as 100 ms; WebP and AVIF frames
+        # play as long as they say, so a converted GIF would race through its frames.
+        frames = images.animation_frames(4, 32, 24)
+        source = images.encode(
+            frames[0], "GIF", save_all=True, append_images=frames[1:], duration=[0, 10, 20, 0]
+        )
+        for fmt, expected in (("webp", [100, 100, 20, 100]), ("avif", [100, 100, 20, 100]),
+                              ("gif", [0, 10, 20, 0])):
+            out = images.decode(
+                transform_image(source, spec(width=16, output_format=fmt), LIMITS).body
+            )
+            seen = []
+            for index in range(out.n_frames):
+                out.seek(index)
+                out.load()
+                seen.append(out.info.get("duration"))
+            self.assertEqual(seen, expected, fmt)
+
     def test_frame_timings_survive_from_every_animated_format(self) -> None:
         timings = [50, 100, 200, 400]
         frames = images.animation_frames(4, 32, 24)
@@ -693,9 +744,20 @@ class AnimationTests(SynchronousTestCase):
         # Each 100x100 frame is within the limit; five of them are over 4x it.
         limits = TransformLimits(max_pixels=10_000)
         with self.assertRaises(ProxyError) as caught:
-            probe_source(images.animated_gif(5, 100, 100), limits)
+            transform_image(images.animated_gif(5, 100, 100), spec(width=10), limits)
         self.assertEqual(caught.exception.status, 413)
-        self.assertEqual(probe_source(images.animated_gif(4, 100, 100), limits).frames, 4)
+        result = transform_image(images.animated_gif(4, 100, 100), spec(width=10), limits)
+        self.assertEqual(images.decode(result.body).n_frames, 4)
+
+    def test_a_still_of_a_long_animation_is_not_held_to_the_frame_limits(self) -> None:
+        # Only the first frame is decoded for a still, as thumbor and imgproxy do.
+        limits = TransformLimits(max_pixels=10_000, max_frames=4)
+        long_animation = images.animated_gif(6, 100, 100)
+        self.assertEqual(probe_source(long_animation, limits).frames, 6)
+        for fmt in ("jpeg", "png"):
+            result = transform_image(long_animation, spec(width=10, output_format=fmt), limits)
+            out = images.decode(result.body)
+            self.assertEqual((out.format.lower(), getattr(out, "n_frames", 1)), (fmt, 1))
 
 
 class LimitTests(SynchronousTestCase):

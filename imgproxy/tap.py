@@ -450,6 +450,7 @@ def build_worker_part(config: Config, reactor: Any, metrics: Any, root: MultiSer
             concurrency=config.fetch_concurrency,
             queue=config.fetch_queue,
         ),
+        run_blocking=pool.run,
     )
     LifecycleService("fetcher", on_stop=fetcher.close).setServiceParent(root)
     images = ImageService(

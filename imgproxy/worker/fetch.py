@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
 
@@ -29,7 +29,13 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identit
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
@@ -483,8 +489,8 @@ def _whole_range(response: IResponse) -> bool:
     return last + 1 == total and response.length in (total, UNKNOWN_LENGTH)
 
 
-def _decoded(body: bytes, headers: Headers, limit: int) -> bytes:
-    """The body with its gzip or deflate content coding undone (at most ``limit`` bytes)."""
+def _content_coding(headers: Headers) -> str | None:
+    """The gzip or deflate coding a response's body is in; None for none (502 for others)."""
     codings = [
         coding.strip().lower()
         for value in headers.getRawHeaders(b"content-encoding", [])
@@ -492,14 +498,19 @@ def _decoded(body: bytes, headers: Headers, limit: int) -> bytes:
     ]
     codings = [c for c in codings if c and c != "identity"]
     if not codings:
-        return body
+        return None
     if len(codings) > 1 or codings[0] not in DECODED_CODINGS:
         raise ProxyError(502, f"the origin sent the image in a content coding "
                               f"({', '.join(codings)}) though asked for none")
+    return codings[0]
+
+
+def _inflated(body: bytes, coding: str, limit: int) -> bytes:
+    """``body`` with its ``coding`` (gzip or deflate) undone, at most ``limit`` bytes."""
     if not body:
         return body
-    wbits = DECODED_CODINGS[codings[0]]
-    attempts = [wbits, -zlib.MAX_WBITS] if codings[0] == "deflate" else [wbits]
+    wbits = DECODED_CODINGS[coding]
+    attempts = [wbits, -zlib.MAX_WBITS] if coding == "deflate" else [wbits]
     for bits in attempts:  # "deflate" is zlib-wrapped by the RFC, raw by some servers
         inflater = zlib.decompressobj(bits)
         try:
@@ -510,10 +521,14 @@ def _decoded(body: bytes, headers: Headers, limit: int) -> bytes:
         if len(decoded) > limit:
             raise _too_large(limit)
         if not inflater.eof:
-            raise ProxyError(502, f"the origin sent a truncated {codings[0]} body")
+            raise ProxyError(502, f"the origin sent a truncated {coding} body")
         return decoded
     # Labelled but not compressed (a server that labels every file): the bytes as sent.
     return body
+
+
+def _run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return maybeDeferred(function, *args)
 
 
 def _location_text(raw: bytes) -> str:
@@ -546,10 +561,15 @@ class SourceFetcher:
         user_agent: str = "imgproxy/0.1",
         *,
         tls_trust_root: IOpenSSLTrustRoot | None = None,
+        run_blocking: Callable[..., Deferred[Any]] = _run_here,
     ) -> None:
         """``resolver`` defaults to ``reactor.nameResolver``; ``tls_trust_root`` to the
-        platform's trust store (tests pass their own certificate authority)."""
+        platform's trust store (tests pass their own certificate authority).
+        ``run_blocking(function, *args)`` runs CPU work off the reactor thread (a thread
+        pool's; by default, here): inflating a gzip body of ``max_bytes`` takes tens of
+        milliseconds, which every other request on this reactor would wait out."""
         self._reactor = reactor
+        self._run_blocking = run_blocking
         self._limits = limits
         self._user_agent = user_agent
         self._pool = QuietConnectionPool(reactor, persistent=True)
@@ -643,8 +663,12 @@ class SourceFetcher:
             response = await self._get(current)
             code = response.code
             if code in OK_STATUSES or (code == 206 and _whole_range(response)):
-                body = _decoded(await self._read_body(response), response.headers,
-                                self._limits.max_bytes)
+                coding = _content_coding(response.headers)
+                body = await self._read_body(response)
+                if coding is not None:
+                    body = await self._run_blocking(
+                        _inflated, body, coding, self._limits.max_bytes
+                    )
                 types = response.headers.getRawHeaders(b"content-type")
                 content_type = types[-1].decode("latin-1") if types else None
                 return FetchedSource(url=current, body=body, content_type=content_type)

@@ -16,8 +16,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -136,6 +138,28 @@ class FetchBasicsTests(LiveFetchTestCase):
                 path = "/" + coding.replace(" ", "").replace(",", "-")
                 self.origin.add(path, body, "image/png", headers={"Content-Encoding": coding})
                 self.assertEqual((await fetcher.fetch(self.origin.url(path))).body, PNG)
+
+    async def test_decompressing_runs_off_the_reactor_thread_and_nothing_else_does(
+        self,
+    ) -> None:
+        # Inflating max_bytes takes tens of milliseconds: every other request would wait.
+        ran: list[str] = []
+        threads = ThreadPool(1, 1)
+        threads.start()
+        self.addCleanup(threads.stop)
+
+        def run_blocking(function: Any, *args: Any) -> Deferred[Any]:
+            ran.append(function.__name__)
+            return deferToThreadPool(self.reactor, threads, function, *args)
+
+        fetcher = self.fetcher(run_blocking=run_blocking)
+        self.origin.add("/gz", gzip.compress(PNG), "image/png",
+                        headers={"Content-Encoding": "gzip"})
+        self.origin.add("/plain", PNG, "image/png")
+        self.assertEqual((await fetcher.fetch(self.origin.url("/plain"))).body, PNG)
+        self.assertEqual(ran, [])
+        self.assertEqual((await fetcher.fetch(self.origin.url("/gz"))).body, PNG)
+        self.assertEqual(ran, ["_inflated"])
 
     async def test_a_body_labelled_compressed_that_is_not_is_passed_on_as_it_came(self) -> None:
         self.origin.add("/z", PNG, "image/png", headers={"Content-Encoding": "gzip"})

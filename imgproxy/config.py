@@ -139,6 +139,28 @@ def http_port_of(endpoint: str) -> int:
     return 0
 
 
+def parse_address(text: str, name: str, *, unspecified: bool) -> str:
+    """An IP address given as such or as a host name (its first address).
+
+    ``unspecified`` says whether 0.0.0.0 and :: (every interface) are allowed:
+    they are for a listener, not for an address other members dial.
+    """
+    value = text.strip()
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(value, None, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError):
+            raise ConfigError(
+                f"{name}: {text!r} is neither an IP address nor a host name that resolves"
+            ) from None
+        address = ipaddress.ip_address(infos[0][4][0])
+    if address.is_unspecified and not unspecified:
+        raise ConfigError(f"{name}: {text!r} is no address other members can reach")
+    return str(address)
+
+
 def default_advertise_address(bind: str) -> str:
     """The first non-loopback address of this host, else the bind address."""
     if bind not in ("0.0.0.0", "::", ""):

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -63,6 +64,24 @@ class SequentialService(MultiService):
                 yield maybeDeferred(service.stopService)
             except Exception:
                 self._log.failure("stopping {service} failed", service=service)
+
+
+class NodeService(SequentialService):
+    """A node's root service: a port it cannot listen on ends the process at once.
+
+    twistd answers such a failure with a traceback, or (for a listener started
+    once the reactor runs) not at all: the process then lives on, half started.
+    Every listener here listens before the reactor runs, and a refusal becomes a
+    one-line reason and exit status 1.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            address = f"{e.interface or '*'}:{e.port}"
+            reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+            raise SystemExit(f"imgproxy: cannot listen on {address}: {reason}") from None
 
 
 class DrainService(Service):

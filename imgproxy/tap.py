@@ -24,6 +24,7 @@ from imgproxy.config import (
     default_advertise_address,
     http_endpoint,
     http_port_of,
+    parse_address,
     parse_duration,
     parse_networks,
     parse_positive_int,
@@ -163,8 +164,12 @@ class Options(usage.Options):
         values = dict(
             role=role,
             http=http_endpoint(self["http"]),
-            bind=str(self["bind"]).strip(),
-            advertise=self["advertise"] or None,
+            bind=parse_address(str(self["bind"]), "--bind", unspecified=True),
+            advertise=(
+                parse_address(self["advertise"], "--advertise", unspecified=False)
+                if self["advertise"]
+                else None
+            ),
             gossip_port=gossip_port,
             gossip_port_given=self._given("gossip-port"),
             join=parse_seeds(self["join"], gossip_port),
@@ -233,7 +238,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
         key_shares,
         purge_event_payload,
     )
-    from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
+    from imgproxy.lifecycle import DrainService, LifecycleService, NodeService
     from imgproxy.metrics import NodeMetrics
     from imgproxy.web.public import ImageResource
     from imgproxy.web.site import (
@@ -248,7 +253,7 @@ def build_node(config: Config, reactor: Any) -> MultiService:
 
     for warning in configuration_warnings(config):
         _log.warn("{warning}", warning=warning)
-    root = SequentialService()
+    root = NodeService()
     metrics = NodeMetrics()
     advertise = config.advertise or default_advertise_address(config.bind)
     membership = build_membership(config, advertise, reactor) if config.runs_membership else None

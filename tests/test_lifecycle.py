@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgproxy.lifecycle import DrainService, LifecycleService, SequentialService
+from imgproxy.lifecycle import DrainService, LifecycleService, NodeService, SequentialService
 
 
 class SlowStop(Service):
@@ -51,6 +52,24 @@ class SequentialServiceTests(SynchronousTestCase):
         first.stopping.callback(None)
         self.successResultOf(done)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class PortInUse(Service):
+    def privilegedStartService(self) -> None:
+        raise CannotListenError("127.0.0.1", 7946, OSError(98, "Address already in use"))
+
+
+class NodeServiceTests(SynchronousTestCase):
+    def test_a_port_it_cannot_listen_on_ends_the_process_with_one_line(self) -> None:
+        root = NodeService()
+        PortInUse().setServiceParent(root)
+        with self.assertRaises(SystemExit) as exited:
+            root.privilegedStartService()
+        reason = "imgproxy: cannot listen on 127.0.0.1:7946: Address already in use"
+        self.assertEqual(exited.exception.code, reason)
+
+    def test_it_stops_its_children_in_order_like_any_sequential_service(self) -> None:
+        self.assertIsInstance(NodeService(), SequentialService)
 
 
 class FakeSite:

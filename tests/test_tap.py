@@ -76,9 +76,18 @@ class FlagTests(SynchronousTestCase):
                      ["--gossip-port", "70000"], ["--join", "host:0"], ["--http", "nonsense"],
                      ["--http", "tcp:notaport"], ["--http", "tcp:99999"],
                      ["--http", "tcp:8080:interface=127.0.0.1:bogus=1"],
-                     ["--max-source-pixels", "-5"], ["--node-name", " "], ["--cache-dir", ""]):
+                     ["--max-source-pixels", "-5"], ["--node-name", " "], ["--cache-dir", ""],
+                     ["--bind", "999.1.1.1"], ["--bind", "no-such-host.invalid"],
+                     ["--advertise", "0.0.0.0"], ["--advertise", "::"],
+                     ["--advertise", "not an address"]):
             with self.subTest(argv=argv), self.assertRaises(usage.UsageError):
                 options(argv)
+
+    def test_bind_and_advertise_may_be_host_names(self) -> None:
+        config = options(["--bind", "localhost", "--advertise", "localhost"]).config
+        self.assertIn(config.bind, ("127.0.0.1", "::1"))
+        self.assertIn(config.advertise, ("127.0.0.1", "::1"))
+        self.assertEqual(options(["--bind", " ::1 "]).config.bind, "::1")
 
     def test_a_cluster_role_without_a_secret_is_warned_about(self) -> None:
         for role in ("gateway", "worker"):

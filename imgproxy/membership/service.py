@@ -415,10 +415,29 @@ class MembershipService(Service):
 
     # -- lifecycle --------------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        # Listening before the reactor runs, as twistd's own listeners do: a gossip
+        # port that cannot be had stops the process at once (lifecycle.NodeService)
+        # instead of leaving a node that serves nothing.
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._udp is not None:
+            return
+        udp = self.reactor.listenUDP(self.port, GossipProtocol(self), interface=self.bind)
+        try:
+            self._tcp = self.reactor.listenTCP(
+                self.port, _InboundFactory(self), interface=self.bind
+            )
+        except Exception:
+            udp.stopListening()
+            raise
+        self._udp = udp
+
     def startService(self) -> None:
         super().startService()
-        self._udp = self.reactor.listenUDP(self.port, GossipProtocol(self), interface=self.bind)
-        self._tcp = self.reactor.listenTCP(self.port, _InboundFactory(self), interface=self.bind)
+        self._listen()
         self.accepting = True
         self.node.start()
         self._state_poll.start(STATE_POLL_SECONDS, now=False)

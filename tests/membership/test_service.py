@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError, InvalidAddressError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError, InvalidAddressError
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -210,6 +210,30 @@ class ListenerTests(Started):
             {"name": "me", "role": "worker", "address": "127.0.0.1", "http_port": 8080,
              "state": "alive"},
         )
+
+
+class PrivilegedListenTests(SynchronousTestCase):
+    """The ports are taken before the reactor runs, as twistd's own listeners are."""
+
+    def test_the_ports_are_taken_in_the_privileged_start_and_once(self) -> None:
+        reactor = FakeReactor()
+        service = make_service(reactor)
+        service.privilegedStartService()
+        self.assertEqual((len(reactor.udp_ports), len(reactor.tcpServers)), (1, 1))
+        service.startService()
+        self.addCleanup(service.node.stop)
+        self.assertEqual((len(reactor.udp_ports), len(reactor.tcpServers)), (1, 1))
+
+    def test_a_tcp_port_in_use_gives_the_udp_port_back(self) -> None:
+        reactor = FakeReactor()
+
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise CannotListenError("127.0.0.1", 7946, OSError(98, "Address already in use"))
+
+        reactor.listenTCP = refused  # type: ignore[method-assign]
+        service = make_service(reactor)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+        self.assertFalse(reactor.udp_ports[0].listening)
 
 
 class DatagramTests(Started):

@@ -271,6 +271,20 @@ class RequestDeadlineTests(SynchronousTestCase):
         self.channel.dataReceived(b"b")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
 
+    def test_a_request_that_stops_arriving_gets_408_at_the_idle_timeout(self) -> None:
+        for unfinished in (
+            b"GET /he",
+            b"GET /health HTTP/1.1\r\nHost: x\r\n",
+            b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+        ):
+            self.setUp()
+            self.channel.dataReceived(unfinished)
+            self.clock.advance(self.channel.timeOut - 1)
+            self.assertEqual(self.transport.value(), b"", unfinished)
+            self.clock.advance(1)
+            self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "), unfinished)
+            self.assertTrue(self.transport.disconnecting, unfinished)
+
     def test_a_prompt_request_and_an_idle_keep_alive_are_left_alone(self) -> None:
         self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
@@ -280,6 +294,10 @@ class RequestDeadlineTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
         self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.transport.clear()
+        self.clock.advance(self.channel.timeOut)  # an idle keep-alive just closes
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
 
 
 class TransferEncodingTests(WireExchange):

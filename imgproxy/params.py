@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
 import attrs
@@ -354,10 +354,34 @@ def check_signature(raw_query: bytes, key: bytes | None) -> None:
         raise ProxyError(403, "a signature ('sig') is required")
     if len(signatures) > 1:
         raise ProxyError(403, "the signature ('sig') is given more than once")
-    given = unquote_to_bytes(signatures[0]).decode("ascii", "replace")
-    expected = sign_query(raw_query, key)
-    if not hmac.compare_digest(given.lower().encode("ascii", "replace"), expected.encode()):
-        raise ProxyError(403, "the signature ('sig') is not valid")
+    given = unquote_to_bytes(signatures[0]).decode("ascii", "replace").lower().encode(
+        "ascii", "replace"
+    )
+    for payload in _payloads_as_sent(raw_query):
+        expected = hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+        if hmac.compare_digest(given, expected):
+            return
+    raise ProxyError(403, "the signature ('sig') is not valid")
+
+
+def _payloads_as_sent(raw_query: bytes) -> Iterator[bytes]:
+    """The spellings of "the query without ``sig``" a client may have signed.
+
+    First the canonical one (``signed_payload``: empty parts dropped); then, for a
+    query with empty parts or a ``&`` before ``sig``, the query as sent with only
+    the ``sig`` part taken out, and with only its ``sig=...`` text taken out (a
+    client that signed ``a=1&`` and then appended ``sig=...``). Each names the same
+    parameters in the same order: none lets a signature cover anything else.
+    """
+    canonical = signed_payload(raw_query)
+    yield canonical
+    parts = raw_query.split(b"&")
+    without_part = b"&".join(part for part in parts if part.partition(b"=")[0] != b"sig")
+    without_text = b"&".join(b"" if part.partition(b"=")[0] == b"sig" else part for part in parts)
+    if without_part != canonical:
+        yield without_part
+    if without_text not in (canonical, without_part):
+        yield without_text
 
 
 def parse_image_query(

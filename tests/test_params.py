@@ -194,6 +194,26 @@ class SignatureTests(SynchronousTestCase):
         sig = sign_query(query.encode(), self.key)
         self.assertEqual(parse(f"sig={sig}&{query}", key=self.key).spec.width, 5)
 
+    def test_a_query_signed_as_sent_with_its_empty_parts_is_accepted(self) -> None:
+        # "The query string without sig": a client that signed "…&w=5&" and then
+        # appended "sig=…", or left "&&" in, signed the same parameters.
+        query = Q + "&w=5&"
+        digest = hmac.new(self.key, query.encode(), hashlib.sha256).hexdigest()
+        for sent in (f"{query}sig={digest}", f"{query}&sig={digest}", f"sig={digest}&{query}"):
+            with self.subTest(sent=sent):
+                self.assertEqual(parse(sent, key=self.key).spec.width, 5)
+        gap = Q + "&&w=5"
+        digest = hmac.new(self.key, gap.encode(), hashlib.sha256).hexdigest()
+        self.assertEqual(parse(f"{Q}&&sig={digest}&w=5", key=self.key).spec.width, 5)
+        self.assertEqual(parse(f"{gap}&sig={digest}", key=self.key).spec.width, 5)
+
+    def test_a_signature_as_sent_covers_no_other_parameters(self) -> None:
+        digest = hmac.new(self.key, (Q + "&w=5&").encode(), hashlib.sha256).hexdigest()
+        for sent in (f"{Q}&w=6&sig={digest}", f"{Q}&w=5&h=1&sig={digest}",
+                     f"w=5&{Q}&sig={digest}"):
+            with self.subTest(sent=sent):
+                self.assertRefused(sent, 403, key=self.key)
+
     def test_missing_bad_or_reordered_signature_is_403(self) -> None:
         signed = self.signed(Q + "&w=5")
         for query in [Q + "&w=5", signed.replace("w=5", "w=6"), Q + "&w=5&sig=zz",

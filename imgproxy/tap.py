@@ -109,6 +109,8 @@ class Options(usage.Options):
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         super().__init__()
+        for name, variables in self.environment.items():
+            self.docs[name] = f"{self.docs[name]} [env: {', '.join(variables)}]"
         self.environ = dict(os.environ if environ is None else environ)
         self.from_environment: set[str] = set()
         for name, variables in self.environment.items():
@@ -349,7 +351,11 @@ def build_node(config: Config, reactor: Any) -> MultiService:
             "cache": cache_status(cache) if cache is not None else {},
         }
 
-    children[b"health"] = JsonDocument(health)
+    # 503 once this node leaves (it still answers while it drains): a load balancer's
+    # health check stops sending it requests, as with any server shutting down.
+    children[b"health"] = JsonDocument(
+        health, status_of=lambda document: 503 if document["state"] == "left" else 200
+    )
     children[b"metrics"] = MetricsResource(metrics)
     children[b"status.json"] = JsonDocument(lambda: status_document(status()))
     site = NodeSite(

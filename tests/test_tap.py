@@ -89,6 +89,11 @@ class FlagTests(SynchronousTestCase):
         self.assertIn(config.advertise, ("127.0.0.1", "::1"))
         self.assertEqual(options(["--bind", " ::1 "]).config.bind, "::1")
 
+    def test_help_names_every_environment_variable(self) -> None:
+        help_text = " ".join(str(Options(environ={})).split())
+        for variables in Options.environment.values():
+            self.assertIn(f"[env: {', '.join(variables)}]", help_text)
+
     def test_a_cluster_role_without_a_secret_is_warned_about(self) -> None:
         for role in ("gateway", "worker"):
             [warning] = configuration_warnings(options(["--role", role]).config)

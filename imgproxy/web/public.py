@@ -113,7 +113,19 @@ class JsonResource(Resource):
             return write_error(
                 request, ProxyError(405, f"method {request.method.decode('latin-1')} not allowed")
             )
-        return super().render(request)
+        return head_answered(request, super().render(request))
+
+
+def head_answered(request: Request, body: bytes | int) -> bytes | int:
+    """``body``, or for HEAD its headers and length with no body.
+
+    Rendered through ``render_GET``, a HEAD's body is dropped by Twisted, which
+    logs a warning for each one: a monitor polling with HEAD would fill the log.
+    """
+    if request.method == b"HEAD" and isinstance(body, bytes) and body:
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+    return body
 
 
 class NotFound(JsonResource):
@@ -122,8 +134,8 @@ class NotFound(JsonResource):
     isLeaf = True
     allowed_methods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")
 
-    def render(self, request: Request) -> bytes:
-        return write_error(request, ProxyError(404, "no such resource"))
+    def render(self, request: Request) -> bytes | int:
+        return head_answered(request, write_error(request, ProxyError(404, "no such resource")))
 
 
 class ImageResource(JsonResource):

@@ -24,14 +24,23 @@ class JsonDocument(JsonResource):
 
     isLeaf = True
 
-    def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        describe: Callable[[], dict[str, Any]],
+        status_of: Callable[[dict[str, Any]], int] = lambda document: 200,
+    ) -> None:
+        """``status_of`` picks the HTTP status from the document (``/health``: 503
+        while the node leaves, for load balancers)."""
         super().__init__()
         self._describe = describe
+        self._status_of = status_of
 
     def render_GET(self, request: Request) -> bytes:
+        document = self._describe()
+        request.setResponseCode(self._status_of(document))
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self._describe(), sort_keys=True).encode("utf-8")
+        return json.dumps(document, sort_keys=True).encode("utf-8")
 
 
 class MetricsResource(JsonResource):

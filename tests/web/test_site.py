@@ -215,6 +215,39 @@ class RoutingTests(WireExchange):
             self.assertEqual(origin_form(target), expected, target)
 
 
+class HeadTests(WireExchange):
+    def test_head_gets_the_length_of_get_no_body_and_no_log_line(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        root = NodeRoot({b"health": JsonDocument(lambda: {"ok": True})})
+        for path in (b"/health", b"/nowhere"):
+            get = self.exchange(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n", root)
+            head = self.exchange(b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n", root)
+            get_head, _, body = get.partition(b"\r\n\r\n")
+            self.assertTrue(body)
+            self.assertTrue(head.endswith(b"\r\n\r\n"), head)
+            self.assertIn(b"Content-Length: %d\r\n" % len(body), head)
+            self.assertEqual(head.split(b"\r\n")[0], get_head.split(b"\r\n")[0])
+        warnings = [e for e in events if "HEAD request" in str(e.get("log_format", ""))]
+        self.assertEqual(warnings, [])
+
+
+class JsonDocumentTests(WireExchange):
+    def test_the_status_follows_the_document(self) -> None:
+        state = {"state": "alive"}
+        health = JsonDocument(
+            lambda: dict(state), status_of=lambda doc: 503 if doc["state"] == "left" else 200
+        )
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.assertTrue(self.exchange(request, NodeRoot({b"health": health})).startswith(
+            b"HTTP/1.1 200 "))
+        state["state"] = "left"
+        leaving = self.exchange(request, NodeRoot({b"health": health}))
+        self.assertTrue(leaving.startswith(b"HTTP/1.1 503 "), leaving[:60])
+        self.assertTrue(leaving.endswith(b'{"state": "left"}'), leaving[-60:])
+
+
 class StatusPageHeaderTests(WireExchange):
     def test_the_status_page_may_not_be_framed_or_load_anything_foreign(self) -> None:
         from imgproxy.web.status import StatusPage

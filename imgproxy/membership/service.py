@@ -60,6 +60,8 @@ ENCRYPTION_OVERHEAD = 29  # version byte, 12-byte nonce, 16-byte GCM tag
 # delegate range does not include its own protocol version.
 DELEGATE_VSN = (2, 5, 4)
 JOIN_RETRY_SECONDS = 2.0
+#: A node that cannot join says so on its first try and then once a minute.
+JOIN_WARN_EVERY = 30
 #: Members (not seeds) a node syncs with right after it joined.
 JOIN_SYNC_PEERS = 2
 LEAVE_TIMEOUT = 5.0
@@ -282,6 +284,7 @@ class MembershipService(Service):
         self._tcp: Any = None
         self._joiner: LoopingCall | None = None
         self.joined = False
+        self._failed_joins = 0
         #: Whether received packets and streams reach the node (from start until stop).
         self.accepting = False
         #: Open push-pull and TCP-ping connections, both ways; and connections being made.
@@ -485,17 +488,33 @@ class MembershipService(Service):
             return
         addresses = yield self._resolve_seeds()
         me = self.node.address
+        if not addresses:
+            self._join_failed("no seed name resolved to an address")
+            return
         attempts = [self._push_pull(addr, join=True) for addr in addresses if addr != me]
         if not attempts:
-            return
+            return  # the only seed is this node: it is the first member
         results = yield DeferredList(attempts, consumeErrors=True)
-        if any(ok and answer is not None for ok, answer in results):
+        if not any(ok and answer is not None for ok, answer in results):
+            self._join_failed(f"none of {len(attempts)} seed address(es) answered")
+        else:
             self.joined = True
             self._log.info("joined the cluster through {count} seed address(es)",
                            count=sum(1 for ok, answer in results if ok and answer is not None))
             if self._joiner is not None and self._joiner.running:
                 self._joiner.stop()
             self._sync_with_others(set(addresses))
+
+    def _join_failed(self, reason: str) -> None:
+        if self._failed_joins % JOIN_WARN_EVERY == 0:
+            self._log.warn(
+                "cannot join the cluster through {seeds}: {reason}; trying again every "
+                "{seconds:g}s",
+                seeds=", ".join(f"{host}:{port}" for host, port in self.seeds),
+                reason=reason,
+                seconds=JOIN_RETRY_SECONDS,
+            )
+        self._failed_joins += 1
 
     def _sync_with_others(self, seeds: set[Address]) -> None:
         """Right after joining, one more push-pull with a few members that are not seeds.

@@ -773,6 +773,16 @@ class SwimNode:
             if state.state == NodeState.LEFT or (state.state == NodeState.DEAD and can_reclaim):
                 self._log.info("updating address of left or failed member {node}", node=state.name)
                 updates_node = True
+            elif state.name == self.name:
+                # Two nodes given one name (the host name, by default): neither sees
+                # the other, and nothing else would say why.
+                self._log.error(
+                    "another member, at {theirs}, has this node's name {node}: the cluster "
+                    "cannot tell them apart; give each node its own name",
+                    node=state.name,
+                    theirs=(host_of(a.addr), a.port),
+                )
+                return
             else:
                 self._log.warn(
                     "conflicting address for {node}: ours {ours}, theirs {theirs}",

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError, ConnectionRefusedError, InvalidAddressError
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -37,6 +38,7 @@ from imgproxy.membership.messages import (
 from imgproxy.membership.profiles import LAN
 from imgproxy.membership.service import (
     JOIN_RETRY_SECONDS,
+    JOIN_WARN_EVERY,
     GossipProtocol,
     MembershipService,
     resolve_all,
@@ -589,6 +591,41 @@ class JoinTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.reactor.nameResolver.lookups[0], "seeds.cluster")
         self.assertEqual(sorted(self.attempts()), [("127.0.0.5", 7946), ("127.0.0.6", 7946)])
+
+    def test_a_join_that_fails_is_warned_about_once_then_once_a_minute(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def warnings() -> list[str]:
+            return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn
+                    and "cannot join" in formatEvent(e)]
+
+        self.service.startService()
+        self.reactor.advance(0)
+        self.refuse_all(0)
+        self.assertEqual(warnings(), [
+            "cannot join the cluster through seeds.cluster:7946: none of 2 seed address(es) "
+            f"answered; trying again every {JOIN_RETRY_SECONDS:g}s"
+        ])
+        for round_ in range(1, JOIN_WARN_EVERY):
+            self.reactor.advance(JOIN_RETRY_SECONDS)
+            self.refuse_all(2 * round_)
+        self.assertEqual(len(warnings()), 1)
+        self.reactor.advance(JOIN_RETRY_SECONDS)
+        self.refuse_all(2 * JOIN_WARN_EVERY)
+        self.assertEqual(len(warnings()), 2)
+
+    def test_a_seed_name_that_resolves_to_nothing_is_warned_about(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor = FakeReactor({"nowhere.invalid": []})
+        service = make_service(reactor, seeds=(("nowhere.invalid", 7946),))
+        self.addCleanup(service.node.stop)
+        service.startService()
+        reactor.advance(0)
+        self.assertIn("no seed name resolved", " ".join(formatEvent(e) for e in events))
 
     def test_join_is_retried_until_a_seed_answers_then_stops(self) -> None:
         self.service.startService()

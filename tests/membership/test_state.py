@@ -8,6 +8,7 @@ from collections.abc import Callable
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgproxy.membership.messages import (
@@ -226,6 +227,19 @@ class RefutationTests(SynchronousTestCase):
         h = Harness()
         h.node.handle_packet([Alive(1, "me", ME, 7946, b"old")], ("x", 1))
         self.assertEqual(h.node.incarnation, 2)
+
+    def test_another_node_with_our_name_is_an_error_that_says_so(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = Harness()
+        h.node.handle_packet([Alive(5, "me", ip(9), 7000, b"x")], ("x", 1))
+        me = h.node.member("me")
+        assert me is not None
+        self.assertEqual((me.addr, me.port, h.node.incarnation), (ME, 7946, 1))
+        [error] = [e for e in events if e.get("log_level") == LogLevel.error]
+        self.assertIn("give each node its own name", formatEvent(error))
+        self.assertIn("10.0.0.9", formatEvent(error))
 
     def test_our_own_news_coming_back_is_not_refuted(self) -> None:
         h = Harness()

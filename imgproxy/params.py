@@ -169,6 +169,10 @@ def check_source_url(url: str) -> str:
         raise ProxyError(400, f"parameter 'url' is malformed: {e}") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise ProxyError(400, "parameter 'url' must be an absolute http or https URL")
+    if "\\" in parts.netloc:
+        # Browsers read a backslash as "/" (the host of "http://a\@b/" is a), Python's
+        # parser as text (host b): a URL the two read differently is refused.
+        raise ProxyError(400, "parameter 'url' has a backslash before its path")
     if not parts.hostname:
         raise ProxyError(400, "parameter 'url' has no host")
     if port == 0:

@@ -54,6 +54,12 @@ class ParseImageQueryTests(SynchronousTestCase):
             with self.subTest(url=url):
                 self.assertRefused("url=" + quote(url, safe=""))
 
+    def test_a_backslash_before_the_path_is_refused_not_read_as_python_reads_it(self) -> None:
+        # A browser fetches 127.0.0.1 for this URL; Python's parser says evil.test.
+        for url in ("http://127.0.0.1:8080\\@evil.test/a.jpg", "http://a\\b/c.jpg"):
+            with self.subTest(url=url):
+                self.assertIn("backslash", self.assertRefused("url=" + quote(url, safe="")))
+
     def test_dimensions_range(self) -> None:
         for bad in ["0", "8193", "-1", "abc", "1.5", "", " 5", "+5", "99999999", "１２"]:
             with self.subTest(w=bad):

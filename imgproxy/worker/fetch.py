@@ -663,8 +663,8 @@ class SourceFetcher:
             response = await self._get(current)
             code = response.code
             if code in OK_STATUSES or (code == 206 and _whole_range(response)):
-                coding = _content_coding(response.headers)
                 body = await self._read_body(response)
+                coding = _content_coding(response.headers)
                 if coding is not None:
                     body = await self._run_blocking(
                         _inflated, body, coding, self._limits.max_bytes

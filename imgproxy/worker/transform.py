@@ -59,9 +59,10 @@ REDUCING_GAP = 3.0
 
 PNG_COMPRESS_LEVEL = 6
 #: ``q`` is a JPEG's quality for every lossy output. WebP's encoder is on about
-#: that scale; libavif's is finer (its 80 looks like a JPEG's 90, at the bytes of
-#: one): these are the AVIF qualities whose luma PSNR equals a JPEG's at each q,
-#: on the Plasma wallpaper photos at 640 px (bench/avif_quality.py, BENCHMARKS.md).
+#: that scale; libavif's is finer (its 80 looks like a JPEG's 90, at about the
+#: bytes of a JPEG's 80): these are the AVIF qualities whose luma PSNR equals a
+#: JPEG's at each q, on the Plasma wallpaper photos at 640 px
+#: (bench/avif_quality.py, BENCHMARKS.md).
 AVIF_QUALITY_POINTS = (
     (0, 0), (30, 33), (50, 43), (60, 47), (70, 53), (80, 63), (85, 68), (90, 77), (95, 89),
     (100, 100),
@@ -528,8 +529,9 @@ def _keeps_animation(source_format: str, out_format: str) -> bool:
 def _as_browsers_play_gif(duration: int) -> int:
     """A GIF frame's delay in milliseconds as browsers play it.
 
-    Browsers (and most viewers) play a GIF delay of 0 or 10 ms as 100 ms; a WebP
-    or AVIF frame is played as long as it says, so the delay is written as seen.
+    Browsers (and most viewers) play a GIF delay of 0 or 10 ms as 100 ms. Not
+    every WebP or AVIF player does the same for its own frames, so the delay is
+    written as a GIF viewer shows it.
     """
     return GIF_SHORT_DELAY_PLAYED_AS if duration <= GIF_SHORT_DELAY else duration
 
@@ -882,7 +884,7 @@ def _without_opaque_alpha(image: Image.Image) -> Image.Image:
     """The image without its alpha channel if every pixel is opaque.
 
     Sources often carry an alpha channel they never use; left in, it costs a
-    PNG a quarter more bytes and makes a WebP or AVIF store a plane of 255s.
+    PNG a tenth more bytes (the WebP and AVIF encoders drop it themselves).
     """
     if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema()[0] == 255:
         return image.convert("RGB" if image.mode == "RGBA" else "L")

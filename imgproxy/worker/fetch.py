@@ -71,7 +71,7 @@ from zope.interface import implementer
 
 from imgproxy.errors import ProxyError
 from imgproxy.params import PATH_SAFE, QUERY_SAFE, check_source_url, idna_host
-from imgproxy.quietpool import QuietConnectionPool
+from imgproxy.quietpool import OriginConnectionPool
 from imgproxy.worker.addresses import AddressPolicy, IPAddress, parse_ip_literal
 
 if TYPE_CHECKING:
@@ -572,7 +572,7 @@ class SourceFetcher:
         self._run_blocking = run_blocking
         self._limits = limits
         self._user_agent = user_agent
-        self._pool = QuietConnectionPool(reactor, persistent=True)
+        self._pool = OriginConnectionPool(reactor, persistent=True)
         endpoints = _CheckedEndpointFactory(
             reactor,
             resolver if resolver is not None else reactor.nameResolver,

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThreadPool
@@ -24,6 +25,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imgproxy.errors import ProxyError
+from imgproxy.quietpool import MAX_INTERIM_RESPONSES
 from imgproxy.worker.addresses import AddressPolicy
 from imgproxy.worker.fetch import FetchedSource, FetchLimits, SourceFetcher, request_url
 from tests.origins import (
@@ -214,6 +216,54 @@ class FetchBasicsTests(LiveFetchTestCase):
         await fetcher.fetch(self.origin.url("/a"))
         self.assertEqual(self.origin.hits["/a"], 2)
         self.assertEqual(self.origin.connections, 1)
+
+
+class _InterimThenAnswer(Protocol):
+    """A raw origin: ``interim`` "100 Continue" responses, then its 200 (if it gets there)."""
+
+    def __init__(self, interim: int) -> None:
+        self.interim = interim
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n" * self.interim)
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(PNG), PNG)
+        )
+
+
+class InterimResponseTests(LiveFetchTestCase):
+    """Interim (1xx) responses nobody asked for: a few are skipped, endless ones cut off."""
+
+    async def raw_origin(self, interim: int) -> str:
+        factory = Factory.forProtocol(lambda: _InterimThenAnswer(interim))
+        port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/a.png"
+
+    def interim_lines(self) -> list[dict]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    async def test_a_few_are_skipped_with_one_log_line(self) -> None:
+        events = self.interim_lines()
+        url = await self.raw_origin(MAX_INTERIM_RESPONSES)
+        self.assertEqual((await self.fetcher().fetch(url)).body, PNG)
+        logged = [e for e in events if e.get("code") == 100]
+        self.assertEqual(len(logged), 1)
+
+    async def test_a_flood_of_them_is_cut_off_with_one_warning(self) -> None:
+        events = self.interim_lines()
+        url = await self.raw_origin(5000)
+        error = await self.fetch_error(self.fetcher(), url)
+        self.assertEqual(error.status, 502)
+        logged = [formatEvent(e) for e in events if "interim" in formatEvent(e)
+                  or e.get("code") == 100]
+        self.assertEqual(len(logged), 2, logged)
 
 
 class OriginStatusTests(LiveFetchTestCase):

@@ -225,7 +225,7 @@ class NodeChannel(HTTPChannel):
         if started is None:
             # Empty lines between requests are to be ignored (RFC 9112 2.2): they
             # start no request, nor its clock.
-            if data and data[0] not in _LINE_ENDS:
+            if data and (data[0] not in _LINE_ENDS or data.strip(b"\r\n")):
                 self._request_started = self._now()
         elif self._now() - started >= REQUEST_SECONDS:
             if not self._timed_out:
@@ -255,7 +255,11 @@ class NodeChannel(HTTPChannel):
         self.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        HTTPChannel.lineReceived(self, line.rstrip(b"\r"))
+        line = line.rstrip(b"\r")
+        if line and self._request_started is None:
+            # A request pipelined behind the last one, read from what was buffered.
+            self._request_started = self._now()
+        HTTPChannel.lineReceived(self, line)
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")

@@ -309,6 +309,7 @@ class RequestDeadlineTests(SynchronousTestCase):
             b"GET /he",
             b"GET /health HTTP/1.1\r\nHost: x\r\n",
             b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+            b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n",  # after a stray empty line
         ):
             self.setUp()
             self.channel.dataReceived(unfinished)
@@ -317,6 +318,15 @@ class RequestDeadlineTests(SynchronousTestCase):
             self.clock.advance(1)
             self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "), unfinished)
             self.assertTrue(self.transport.disconnecting, unfinished)
+
+    def test_a_request_pipelined_behind_another_and_left_unfinished_gets_408(self) -> None:
+        self.channel.dataReceived(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n"
+        )
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 "), 1)
+        self.transport.clear()
+        self.clock.advance(self.channel.timeOut)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "), self.transport.value())
 
     def test_a_prompt_request_and_an_idle_keep_alive_are_left_alone(self) -> None:
         self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

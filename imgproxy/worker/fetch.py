@@ -509,22 +509,49 @@ def _inflated(body: bytes, coding: str, limit: int) -> bytes:
     """``body`` with its ``coding`` (gzip or deflate) undone, at most ``limit`` bytes."""
     if not body:
         return body
-    wbits = DECODED_CODINGS[coding]
-    attempts = [wbits, -zlib.MAX_WBITS] if coding == "deflate" else [wbits]
-    for bits in attempts:  # "deflate" is zlib-wrapped by the RFC, raw by some servers
-        inflater = zlib.decompressobj(bits)
+    if coding == "deflate":
+        # zlib-wrapped, as RFC 9110 says, or raw deflate, as some servers send.
+        for bits in (zlib.MAX_WBITS, -zlib.MAX_WBITS):
+            try:
+                return _inflate_members(body, bits, coding, limit)
+            except zlib.error:
+                continue
+        compressed = _looks_zlib_wrapped(body)
+    else:
         try:
-            # One byte past the limit tells "too large" from "exactly the limit".
-            decoded = inflater.decompress(body, limit + 1)
+            return _inflate_members(body, DECODED_CODINGS[coding], coding, limit)
         except zlib.error:
-            continue
+            compressed = body.startswith(_GZIP_MAGIC)
+    if compressed:
+        raise ProxyError(502, f"the origin sent a corrupt {coding} body")
+    # Labelled but not compressed (a server that labels every file): the bytes as sent.
+    return body
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _looks_zlib_wrapped(body: bytes) -> bool:
+    # RFC 1950: method 8 (deflate), and the two header bytes a multiple of 31.
+    return len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
+
+
+def _inflate_members(body: bytes, wbits: int, coding: str, limit: int) -> bytes:
+    """Every member of ``body`` inflated (a gzip file may hold several, one after
+    another, as ``cat a.gz b.gz`` makes); 413 past ``limit``, 502 if cut short."""
+    decoded = bytearray()
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        # One byte past the limit tells "too large" from "exactly the limit".
+        decoded += inflater.decompress(rest, limit + 1 - len(decoded))
         if len(decoded) > limit:
             raise _too_large(limit)
         if not inflater.eof:
             raise ProxyError(502, f"the origin sent a truncated {coding} body")
-        return decoded
-    # Labelled but not compressed (a server that labels every file): the bytes as sent.
-    return body
+        rest = inflater.unused_data
+        if not (wbits == DECODED_CODINGS["gzip"] and rest.startswith(_GZIP_MAGIC)):
+            return bytes(decoded)
 
 
 def _run_here(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -692,6 +719,10 @@ class SourceFetcher:
         if not locations:
             raise ProxyError(502, f"the origin answered {code} without a Location")
         location = _location_text(locations[-1].strip())
+        if "\\" in location.partition("?")[0].partition("#")[0]:
+            # Browsers read a backslash as "/" (a Location "\\host/x" is another host),
+            # urljoin as a path character: a Location the two read differently is refused.
+            raise ProxyError(502, "the origin redirected badly: a backslash in its Location")
         try:
             target = check_source_url(urljoin(current, location))
         except ProxyError as e:

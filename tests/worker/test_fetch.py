@@ -181,6 +181,21 @@ class FetchBasicsTests(LiveFetchTestCase):
         self.assertEqual(br.status, 502)
         self.assertIn("(br)", br.reason)
 
+    async def test_a_corrupt_compressed_body_is_502_and_gzip_members_are_joined(self) -> None:
+        fetcher = self.fetcher()
+        zipped = bytearray(gzip.compress(PNG))
+        zipped[-8] ^= 0xFF  # the CRC-32 of the gzip trailer
+        wrapped = bytearray(zlib.compress(PNG))
+        wrapped[-1] ^= 0xFF  # the Adler-32 of the zlib trailer
+        for path, body, coding in (("/crc", zipped, "gzip"), ("/adler", wrapped, "deflate")):
+            self.origin.add(path, bytes(body), "image/png", headers={"Content-Encoding": coding})
+            error = await self.fetch_error(fetcher, self.origin.url(path))
+            self.assertEqual(about(error), (502, f"the origin sent a corrupt {coding} body"))
+        # Two gzip members one after the other (``cat a.gz b.gz``) are one body.
+        members = gzip.compress(PNG[:50]) + gzip.compress(PNG[50:])
+        self.origin.add("/members", members, "image/png", headers={"Content-Encoding": "gzip"})
+        self.assertEqual((await fetcher.fetch(self.origin.url("/members"))).body, PNG)
+
     async def test_a_206_of_the_whole_image_is_the_image_and_any_other_is_502(self) -> None:
         fetcher = self.fetcher()
         whole = {"Content-Range": f"bytes 0-{len(PNG) - 1}/{len(PNG)}"}
@@ -366,6 +381,20 @@ class RedirectTests(LiveFetchTestCase):
         self.origin.redirect("/latin1", "/caf\xe9.png")  # sent as Latin-1: the byte E9
         self.assertEqual((await fetcher.fetch(self.origin.url("/spaced"))).body, PNG)
         self.assertEqual((await fetcher.fetch(self.origin.url("/latin1"))).body, PNG)
+
+    async def test_a_location_with_a_backslash_before_its_query_is_502(self) -> None:
+        # A browser goes to another host for the first three; urljoin stays on this one.
+        fetcher = self.fetcher()
+        self.origin.add("/ok.png", PNG)
+        for location in ("\\\\127.0.0.2/ok.png", "/\\127.0.0.2/ok.png",
+                         "http:\\\\127.0.0.2/ok.png", "/dir\\ok.png"):
+            with self.subTest(location=location):
+                self.origin.redirect("/bs", location)
+                error = await self.fetch_error(fetcher, self.origin.url("/bs"))
+                self.assertEqual(about(error)[0], 502)
+                self.assertIn("backslash", error.reason)
+        self.origin.redirect("/query", "/ok.png?path=a\\b")
+        self.assertEqual((await fetcher.fetch(self.origin.url("/query"))).body, PNG)
 
     async def test_redirects_to_other_schemes_are_502(self) -> None:
         fetcher = self.fetcher()

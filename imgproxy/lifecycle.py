@@ -79,9 +79,20 @@ class NodeService(SequentialService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            address = f"{e.interface or '*'}:{e.port}"
+            if isinstance(e.port, bytes):  # a UNIX socket's path
+                address = e.port.decode("utf-8", "replace")
+            else:
+                address = f"{e.interface or '*'}:{e.port}"
             reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
             raise SystemExit(f"imgproxy: cannot listen on {address}: {reason}") from None
+        except OSError as e:
+            # A UNIX socket in a directory that is not there, or not ours.
+            # (For a symlink, as Twisted's socket lock makes, the second name is the path.)
+            path = e.filename2 or e.filename
+            if isinstance(path, bytes):
+                path = path.decode("utf-8", "replace")
+            where = f" on {path}" if path else ""
+            raise SystemExit(f"imgproxy: cannot listen{where}: {e.strerror or e}") from None
 
 
 class DrainService(Service):

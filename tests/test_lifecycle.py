@@ -59,7 +59,35 @@ class PortInUse(Service):
         raise CannotListenError("127.0.0.1", 7946, OSError(98, "Address already in use"))
 
 
+class FailingStart(Service):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def privilegedStartService(self) -> None:
+        raise self.error
+
+
 class NodeServiceTests(SynchronousTestCase):
+    def exit_reason(self, error: Exception) -> object:
+        root = NodeService()
+        FailingStart(error).setServiceParent(root)
+        with self.assertRaises(SystemExit) as exited:
+            root.privilegedStartService()
+        return exited.exception.code
+
+    def test_a_unix_socket_is_named_by_its_path(self) -> None:
+        in_use = CannotListenError("", b"/run/imgproxy.sock", "Cannot acquire lock")
+        self.assertEqual(
+            self.exit_reason(in_use),
+            "imgproxy: cannot listen on /run/imgproxy.sock: Cannot acquire lock",
+        )
+        # Twisted's lock beside the socket, in a directory that is not there.
+        missing = FileNotFoundError(2, "No such file or directory", "123", None, b"/no/s.lock")
+        self.assertEqual(
+            self.exit_reason(missing),
+            "imgproxy: cannot listen on /no/s.lock: No such file or directory",
+        )
+
     def test_a_port_it_cannot_listen_on_ends_the_process_with_one_line(self) -> None:
         root = NodeService()
         PortInUse().setServiceParent(root)

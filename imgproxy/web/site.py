@@ -10,12 +10,13 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, datetimeToString
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from imgproxy.errors import ProxyError, error_body
 from imgproxy.metrics import NodeMetrics
+from imgproxy.web.chunked import LenientChunkedDecoder
 from imgproxy.web.public import JsonResource, NotFound, write_error
 
 
@@ -263,14 +264,21 @@ class NodeChannel(HTTPChannel):
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"transfer-encoding" and (
-            value.strip(b" \t").lower() != b"chunked"
-        ):
+        if name.strip().lower() != b"transfer-encoding":
+            return bool(super().headerReceived(line))
+        if value.strip(b" \t").lower() != b"chunked":
             # Twisted reads an "identity" body until the connection closes, and
             # with it any request behind it: RFC 9112 6.1 leaves chunked alone.
             self._respondToBadRequestAndDisconnect()
             return False
-        return bool(super().headerReceived(line))
+        accepted = bool(super().headerReceived(line))
+        decoder = self._transferDecoder
+        if accepted and type(decoder) is _ChunkedTransferDecoder:
+            # The body's framing lines may end in a bare LF too, as the head's may.
+            self._transferDecoder = LenientChunkedDecoder(
+                decoder.dataCallback, decoder.finishCallback
+            )
+        return accepted
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted answers too many or too large headers the same way as garbage.

@@ -486,17 +486,18 @@ class MembershipService(Service):
         if self.joined:
             self._joiner.stop()
             return
-        addresses = yield self._resolve_seeds()
+        addresses, unresolved = yield self._resolve_seeds()
         me = self.node.address
+        unknown = f" ({', '.join(unresolved)} did not resolve)" if unresolved else ""
         if not addresses:
-            self._join_failed("no seed name resolved to an address")
+            self._join_failed(f"no seed name resolved to an address{unknown}")
             return
         attempts = [self._push_pull(addr, join=True) for addr in addresses if addr != me]
         if not attempts:
             return  # the only seed is this node: it is the first member
         results = yield DeferredList(attempts, consumeErrors=True)
         if not any(ok and answer is not None for ok, answer in results):
-            self._join_failed(f"none of {len(attempts)} seed address(es) answered")
+            self._join_failed(f"none of {len(attempts)} seed address(es) answered{unknown}")
         else:
             self.joined = True
             self._log.info("joined the cluster through {count} seed address(es)",
@@ -532,7 +533,9 @@ class MembershipService(Service):
 
     @inlineCallbacks
     def _resolve_seeds(self):  # type: ignore[no-untyped-def]
+        """Every address of every seed, and the seed names that resolved to none."""
         addresses: list[Address] = []
+        unresolved: list[str] = []
         for host, port in self.seeds:
             try:
                 ipaddress.ip_address(host)
@@ -542,7 +545,9 @@ class MembershipService(Service):
                 pass
             found = yield resolve_all(self.reactor, host, port)
             addresses.extend(found)
-        return list(dict.fromkeys(addresses))
+            if not found:
+                unresolved.append(host)
+        return list(dict.fromkeys(addresses)), unresolved
 
     # -- the node's outputs -----------------------------------------------------------
 

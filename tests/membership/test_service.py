@@ -625,7 +625,8 @@ class JoinTests(SynchronousTestCase):
         self.addCleanup(service.node.stop)
         service.startService()
         reactor.advance(0)
-        self.assertIn("no seed name resolved", " ".join(formatEvent(e) for e in events))
+        self.assertIn("no seed name resolved to an address (nowhere.invalid did not resolve)",
+                      " ".join(formatEvent(e) for e in events))
 
     def test_join_is_retried_until_a_seed_answers_then_stops(self) -> None:
         self.service.startService()

@@ -193,7 +193,8 @@ class TrackedRequest(Request):
             return
         self.setHeader(b"allow", b"OPTIONS")
         body = write_error(self, ProxyError(405, "only OPTIONS applies to '*'"))
-        self.setHeader(b"content-length", b"%d" % len(body))
+        if body:  # (for HEAD, write_error has set GET's length and given no body)
+            self.setHeader(b"content-length", b"%d" % len(body))
         self.write(body)
         self.finish()
 

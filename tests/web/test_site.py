@@ -130,7 +130,12 @@ class ProtocolErrorTests(WireExchange):
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:200])
 
     def test_star_is_json_405_except_for_options(self) -> None:
-        self.assertJsonStatus(self.exchange(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"), 405)
+        get = self.exchange(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertJsonStatus(get, 405)
+        head = self.exchange(b"HEAD * HTTP/1.1\r\nHost: x\r\n\r\n")
+        length = b"Content-Length: %d\r\n" % len(get.partition(b"\r\n\r\n")[2])
+        self.assertIn(length, head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"), head)
         options = self.exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(options.startswith(b"HTTP/1.1 200"), options)
 

@@ -164,7 +164,6 @@ def check_source_url(url: str) -> str:
             raise ProxyError(400, "parameter 'url' is not valid Unicode text") from None
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as e:
         raise ProxyError(400, f"parameter 'url' is malformed: {e}") from None
     if parts.scheme.lower() not in ("http", "https"):
@@ -173,6 +172,10 @@ def check_source_url(url: str) -> str:
         # Browsers read a backslash as "/" (the host of "http://a\@b/" is a), Python's
         # parser as text (host b): a URL the two read differently is refused.
         raise ProxyError(400, "parameter 'url' has a backslash before its path")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ProxyError(400, f"parameter 'url' is malformed: {e}") from None
     if not parts.hostname:
         raise ProxyError(400, "parameter 'url' has no host")
     if port == 0:

@@ -56,7 +56,8 @@ class ParseImageQueryTests(SynchronousTestCase):
 
     def test_a_backslash_before_the_path_is_refused_not_read_as_python_reads_it(self) -> None:
         # A browser fetches 127.0.0.1 for this URL; Python's parser says evil.test.
-        for url in ("http://127.0.0.1:8080\\@evil.test/a.jpg", "http://a\\b/c.jpg"):
+        for url in ("http://127.0.0.1:8080\\@evil.test/a.jpg", "http://a\\b/c.jpg",
+                    "http://127.0.0.1:8080\\f/a.jpg"):
             with self.subTest(url=url):
                 self.assertIn("backslash", self.assertRefused("url=" + quote(url, safe="")))
 

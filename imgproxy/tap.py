@@ -211,7 +211,13 @@ class Options(usage.Options):
             # Parsing builds the endpoint without listening (nor touching a reactor).
             serverFromString(None, values["http"])
         except Exception as error:
-            raise ConfigError(f"--http: {self['http']!r} is not usable: {error}") from None
+            interface = values["http"].partition("interface=")[2]
+            hint = (
+                r" (write an IPv6 interface's colons as \:, as in interface=\:\:1)"
+                if ":" in interface.replace("\\:", "")
+                else ""
+            )
+            raise ConfigError(f"--http: {self['http']!r} is not usable: {error}{hint}") from None
         if not 0 <= http_port_of(values["http"]) <= 65535:
             raise ConfigError(f"--http: {self['http']!r} has a port outside 0..65535")
         return Config(**values)

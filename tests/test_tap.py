@@ -89,6 +89,15 @@ class FlagTests(SynchronousTestCase):
         self.assertIn(config.advertise, ("127.0.0.1", "::1"))
         self.assertEqual(options(["--bind", " ::1 "]).config.bind, "::1")
 
+    def test_an_ipv6_interface_with_bare_colons_gets_a_hint(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            options(["--http", "tcp:8080:interface=::1"])
+        self.assertIn(r"interface=\:\:1", str(caught.exception))
+        self.assertEqual(
+            options(["--http", r"tcp:8080:interface=\:\:1"]).config.http,
+            r"tcp:8080:interface=\:\:1",
+        )
+
     def test_help_names_every_environment_variable(self) -> None:
         help_text = " ".join(str(Options(environ={})).split())
         for variables in Options.environment.values():

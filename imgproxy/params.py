@@ -6,6 +6,7 @@ user can act on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -149,13 +150,21 @@ def decode_query(
     return values
 
 
+_SPACE_OR_CONTROL = re.compile("[\x00-\x20\x7f]")
+#: URLs whose check is remembered (at most MAX_URL_LENGTH characters each, twice).
+CHECKED_URLS = 1024
+
+
+# Pure, and run on every request, cache hits included, where canonicalising a URL
+# cost ~3.5 us of ~8.5: the URLs asked for again are answered from memory.
+@functools.lru_cache(maxsize=CHECKED_URLS)
 def check_source_url(url: str) -> str:
     """Accept only an absolute http(s) URL with a host; return its canonical spelling."""
     if not url:
         raise ProxyError(400, "parameter 'url' is empty")
     if len(url) > MAX_URL_LENGTH:
         raise ProxyError(400, f"parameter 'url' is longer than {MAX_URL_LENGTH} characters")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+    if _SPACE_OR_CONTROL.search(url):
         raise ProxyError(400, "parameter 'url' contains spaces or control characters")
     if not url.isascii():
         try:

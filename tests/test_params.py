@@ -61,6 +61,18 @@ class ParseImageQueryTests(SynchronousTestCase):
             with self.subTest(url=url):
                 self.assertIn("backslash", self.assertRefused("url=" + quote(url, safe="")))
 
+    def test_a_url_checked_again_is_answered_from_memory_and_a_bad_one_refused_again(
+        self,
+    ) -> None:
+        url = "HTTP://Origin.test:80/a/./remembered.jpg"
+        first = check_source_url(url)
+        hits = check_source_url.cache_info().hits
+        self.assertEqual(check_source_url(url), first)
+        self.assertEqual(check_source_url.cache_info().hits, hits + 1)
+        for _ in range(2):
+            with self.assertRaises(ProxyError):
+                check_source_url("http://a b/")
+
     def test_dimensions_range(self) -> None:
         for bad in ["0", "8193", "-1", "abc", "1.5", "", " 5", "+5", "99999999", "１２"]:
             with self.subTest(w=bad):

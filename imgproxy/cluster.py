@@ -34,9 +34,10 @@ def purged_source_key(payload: bytes) -> str | None:
     ``serf event imgproxy-purge https://...`` on any serf agent of the cluster.
     """
     text = payload.decode("utf-8", "replace").strip()
-    if _SOURCE_KEY.fullmatch(text.lower()):
-        return text.lower()
-    if text[:8].lower().startswith(("http://", "https://")):
+    lowered = text.lower()
+    if _SOURCE_KEY.fullmatch(lowered):
+        return lowered
+    if lowered.startswith(("http://", "https://")):
         try:
             return source_key_of(check_source_url(text))
         except ProxyError:

@@ -380,13 +380,15 @@ def build_node(config: Config, reactor: Any) -> MultiService:
             from imgproxy.worker.purges import GossipedPurges
 
             # Purges gossiped by the gateways, and those missed while away.
-            purges = GossipedPurges(images.purge_source_key, membership.events, config.cache_dir)
+            purges = GossipedPurges(
+                images.purge_source_key,
+                membership.events,
+                config.cache_dir,
+                invalidate_all=images.cache.invalidate_all,
+            )
             purges.resume()
             membership.on_user_event(purges)
-            cache_of_images = images.cache
-            membership.on_events_lost(
-                lambda: purges.events_lost(cache_of_images.invalidate_all)
-            )
+            membership.on_events_lost(purges.events_lost)
         if config.role == "worker":
             # Stopped before the listener: the worker stays reachable a moment after
             # leaving, so the new owners of its keys can still pull them.

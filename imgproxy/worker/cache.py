@@ -345,23 +345,6 @@ class DiskCache:
 
     # -- stores ----------------------------------------------------------------------------
 
-    def unstored(
-        self,
-        key: str,
-        body: bytes,
-        content_type: str,
-        source_url: str,
-        created: float | None = None,
-    ) -> CacheEntry:
-        """The entry ``put`` would store, without storing it."""
-        return self._encode(key, body, content_type, source_url, created)[1]
-
-    def _encode(
-        self, key: str, body: bytes, content_type: str, source_url: str, created: float | None
-    ) -> tuple[bytes, CacheEntry]:
-        when = self._clock.seconds() if created is None else created
-        return encode_entry(key, body, content_type, when, source_url)
-
     def put(
         self,
         key: str,
@@ -369,17 +352,23 @@ class DiskCache:
         content_type: str,
         source_url: str,
         created: float | None = None,
+        *,
+        store: bool = True,
     ) -> CacheEntry:
         """Store ``body`` under ``key`` and return its entry.
 
         ``created`` (default: now) is when its content was fetched: a variant
         rendered from a cached source is as old as that source, and goes stale
         with it. The entry is returned even when it could not be stored (too big,
-        or the disk failed): the caller serves it all the same.
+        or the disk failed): the caller serves it all the same. With ``store``
+        false, only the entry is made (for content a purge overtook).
         """
         if not _ENTRY_KEY.match(key):
             raise ValueError(f"not a cache key: {key!r}")
-        data, entry = self._encode(key, body, content_type, source_url, created)
+        when = self._clock.seconds() if created is None else created
+        data, entry = encode_entry(key, body, content_type, when, source_url)
+        if not store:
+            return entry
         size = len(data)
         if size > self._max_bytes:
             # The old body is superseded and the new one cannot be kept.
@@ -518,14 +507,11 @@ class DiskCache:
         for key in keys:
             self._forget(key)
         # The directory is flat (entries and temporary files), so no recursive removal.
-        stuck = sum(
-            not self._unlink(f"{directory}/{name}")
-            for name in names
-            if _VARIANT_NAME.match(name)
-        )
+        # An entry left behind would be served again after a restart; a temporary is not.
+        stuck = 0
         for name in names:
-            if not _VARIANT_NAME.match(name):
-                self._unlink(f"{directory}/{name}")
+            if not self._unlink(f"{directory}/{name}") and _VARIANT_NAME.match(name):
+                stuck += 1
         if stuck:
             failure = f"{stuck} of its files cannot be removed"
         if failure is not None:

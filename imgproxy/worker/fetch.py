@@ -19,7 +19,7 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import attrs
 import idna
@@ -680,7 +680,7 @@ class SourceFetcher:
         return d.addBoth(finish)
 
     async def _fetch(self, url: str) -> FetchedSource:
-        current = urldefrag(check_source_url(url)).url
+        current = check_source_url(url)  # canonical: no fragment, which is never sent
         try:
             seen = {request_url(current)}
         except ProxyError as e:
@@ -730,7 +730,7 @@ class SourceFetcher:
             raise ProxyError(502, f"the origin redirected badly: {reason}") from None
         except ValueError as e:
             raise ProxyError(502, f"the origin redirected badly: {e}") from None
-        return urldefrag(target).url
+        return target
 
     async def _get(self, url: str) -> IResponse:
         headers = Headers(

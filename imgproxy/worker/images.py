@@ -139,9 +139,8 @@ class ImageService:
         created: float | None = None,
     ) -> CacheEntry:
         """``cache.put``, unless the source was purged since the work began."""
-        if self._purged_since(source_key, since):
-            return self.cache.unstored(key, body, content_type, url, created)
-        return self.cache.put(key, body, content_type, url, created)
+        store = not self._purged_since(source_key, since)
+        return self.cache.put(key, body, content_type, url, created, store=store)
 
     def purge(self, url: str) -> Deferred[None]:
         """The ``ImageBackend`` view of ``purge_source``."""

@@ -30,9 +30,16 @@ class GossipedPurges:
     _log = Logger()
 
     def __init__(
-        self, purge_source_key: Callable[[str], object], events: EventLog, cache_dir: str
+        self,
+        purge_source_key: Callable[[str], object],
+        events: EventLog,
+        cache_dir: str,
+        *,
+        invalidate_all: Callable[[], None],
     ) -> None:
+        """``invalidate_all`` makes every cached entry stale (``DiskCache.invalidate_all``)."""
         self._purge_source_key = purge_source_key
+        self._invalidate_all = invalidate_all
         self._events = events
         self._path = os.path.join(cache_dir, EVENT_CLOCK_FILE)
         # Once a purge could not be applied, the clock stays where it was: a restart
@@ -54,12 +61,12 @@ class GossipedPurges:
         if clock > 0:
             self._events.resume(clock)
 
-    def events_lost(self, invalidate_all: Callable[[], None]) -> None:
+    def events_lost(self) -> None:
         """Away through more purges than the cluster keeps: which of them concern this
         cache is unknown, so every entry it holds is fetched again before it is served."""
         self._log.warn("this node was away through more purges than the cluster keeps: "
                        "its cached images are fetched again before they are served")
-        invalidate_all()
+        self._invalidate_all()
 
     def __call__(self, event: UserEvent) -> None:
         # Every event handled moves the saved clock, other names too: a node that saw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -41,11 +42,17 @@ class GossipedPurgesTests(SynchronousTestCase):
         self.cache_dir = self.mktemp()
         os.makedirs(self.cache_dir)
         self.purged: list[str] = []
+        self.invalidated: list[bool] = []
+
+    def purges(self, purge: Callable[[str], object], events: EventLog) -> GossipedPurges:
+        return GossipedPurges(
+            purge, events, self.cache_dir, invalidate_all=lambda: self.invalidated.append(True)
+        )
 
     def node(self) -> tuple[GossipedPurges, EventLog]:
         """A node's purge listener as a (re)start builds it."""
         events = EventLog()
-        purges = GossipedPurges(self.purged.append, events, self.cache_dir)
+        purges = self.purges(self.purged.append, events)
         purges.resume()
         return purges, events
 
@@ -91,7 +98,7 @@ class GossipedPurgesTests(SynchronousTestCase):
             self.purged.append(key)
 
         events = EventLog()
-        purges = GossipedPurges(purge, events, self.cache_dir)
+        purges = self.purges(purge, events)
         self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         failing[0] = False
         later = UserEvent(9, PURGE_EVENT, purge_event_payload("http://origin.test/b.jpg"))
@@ -115,7 +122,7 @@ class GossipedPurgesTests(SynchronousTestCase):
             raise ProxyError(503, "the purge is incomplete")
 
         events = EventLog()
-        purges = GossipedPurges(read_only_disk, events, self.cache_dir)
+        purges = self.purges(read_only_disk, events)
         purges.resume()
         self.deliver(purges, events, UserEvent(5, PURGE_EVENT, KEY.encode()))
         purges, events = self.node()
@@ -124,9 +131,9 @@ class GossipedPurgesTests(SynchronousTestCase):
 
     def test_purges_lost_for_good_make_the_whole_cache_stale(self) -> None:
         purges, _ = self.node()
-        invalidated: list[bool] = []
-        purges.events_lost(lambda: invalidated.append(True))
-        self.assertEqual(invalidated, [True])
+        self.assertEqual(self.invalidated, [])
+        purges.events_lost()
+        self.assertEqual(self.invalidated, [True])
 
     def test_a_fifo_in_place_of_the_clock_is_not_read(self) -> None:
         os.mkfifo(os.path.join(self.cache_dir, EVENT_CLOCK_FILE))
@@ -136,7 +143,7 @@ class GossipedPurgesTests(SynchronousTestCase):
         self.assertEqual(self.purged, [KEY])
 
     def test_a_cache_directory_that_cannot_be_written_costs_a_warning_only(self) -> None:
-        missing = os.path.join(self.cache_dir, "x", "y")
-        purges = GossipedPurges(self.purged.append, EventLog(), missing)
+        self.cache_dir = os.path.join(self.cache_dir, "x", "y")
+        purges = self.purges(self.purged.append, EventLog())
         purges(UserEvent(5, PURGE_EVENT, KEY.encode()))
         self.assertEqual(self.purged, [KEY])

@@ -243,18 +243,16 @@ class NodeChannel(HTTPChannel):
         # Idle with a request begun and unfinished (a head without its blank line,
         # a body short of its length): say why it is dropped, as nginx's 408 does.
         if self._request_started is not None and not self._timed_out:
-            self._timed_out = True
-            self.transport.write(
-                raw_json_response(408, b"Request Timeout", "the request stopped arriving")
-            )
+            self._write_408("the request stopped arriving")
         super().timeoutConnection()
 
     def _too_slow(self) -> None:
-        self._timed_out = True  # once: what else arrives is dropped with the connection
-        self.transport.write(
-            raw_json_response(408, b"Request Timeout", "the request took too long to arrive")
-        )
+        self._write_408("the request took too long to arrive")
         self.loseConnection()
+
+    def _write_408(self, reason: str) -> None:
+        self._timed_out = True  # once: what else arrives is dropped with the connection
+        self.transport.write(raw_json_response(408, b"Request Timeout", reason))
 
     def lineReceived(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
